@@ -1,0 +1,61 @@
+//! The WASM client (feature `hydrate`): signaling socket, RTCPeerConnection, DataChannel, and the
+//! sender / receiver sessions that drive the transfer engine. Browser callbacks become channel
+//! events at once (gloo `EventListener`s, released on drop); the logic is async Rust.
+
+pub mod channel;
+pub mod receiver;
+pub mod rtc;
+pub mod save;
+pub mod sender;
+pub mod signaling;
+
+use crate::transfer::TransferError;
+use wasm_bindgen::{JsCast, JsValue};
+
+/// Everything that can fail in the browser client.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientError {
+    #[error("browser: {0}")]
+    Js(String),
+    #[error("signaling: {0}")]
+    Signaling(String),
+    #[error("the data channel closed")]
+    ChannelClosed,
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+}
+
+impl From<JsValue> for ClientError {
+    fn from(value: JsValue) -> Self {
+        ClientError::Js(js_message(&value))
+    }
+}
+
+/// A readable message for a thrown JS value.
+pub fn js_message(value: &JsValue) -> String {
+    if let Some(e) = value.dyn_ref::<js_sys::Error>() {
+        return String::from(e.message());
+    }
+    value.as_string().unwrap_or_else(|| format!("{value:?}"))
+}
+
+pub fn window() -> Result<web_sys::Window, ClientError> {
+    web_sys::window().ok_or_else(|| ClientError::Js("no window".into()))
+}
+
+/// Hex of `n` random bytes from the browser's CSPRNG.
+pub fn random_hex(n: usize) -> Result<String, ClientError> {
+    let mut bytes = vec![0u8; n];
+    window()?
+        .crypto()?
+        .get_random_values_with_u8_array(&mut bytes)?;
+    Ok(hex::encode(bytes))
+}
+
+/// Milliseconds on a monotonic clock.
+pub fn now_ms() -> f64 {
+    web_sys::window()
+        .and_then(|w| w.performance())
+        .map(|p| p.now())
+        .unwrap_or_else(js_sys::Date::now)
+}

@@ -1,0 +1,353 @@
+//! The receiver's session: join the share, answer the sender's offer, show the live file list,
+//! and for each requested file reassemble frames by offset, verify size and SHA-256, then save.
+
+use super::channel::{send_msg, Channel, ChannelEvent};
+use super::rtc::{LinkEvent, RtcLink};
+use super::signaling::{Incoming, Signaling};
+use super::{now_ms, save::save, ClientError};
+use crate::components::receive::{Phase, ReceiverUi};
+use crate::components::{FileRow, FileStatus};
+use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload};
+use crate::transfer::reassembly::{MemorySink, Reassembly};
+use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg, TransferError};
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::{Stream, StreamExt};
+use leptos::prelude::*;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use wasm_bindgen_futures::spawn_local;
+use web_sys::RtcPeerConnectionState;
+
+/// Progress is pushed to the page at most this often (ms) while bytes stream in.
+const PROGRESS_EVERY_MS: f64 = 100.0;
+
+struct Download {
+    row: FileRow,
+    reassembly: Reassembly<MemorySink>,
+    last_progress: f64,
+}
+
+struct State {
+    ui: ReceiverUi,
+    share: Option<ShareId>,
+    signaling: Option<Signaling>,
+    ice_servers: Vec<IceServer>,
+    sender: Option<PeerId>,
+    link: Option<Rc<RtcLink>>,
+    channel: Option<Channel>,
+    downloads: HashMap<FileId, Download>,
+}
+
+impl State {
+    fn row(&self, id: FileId) -> Option<FileRow> {
+        self.ui
+            .files
+            .with_untracked(|rows| rows.iter().find(|r| r.id() == id).cloned())
+    }
+
+    /// Every transfer in flight fails with `why`.
+    fn fail_all(&mut self, why: &str) {
+        for (_, d) in self.downloads.drain() {
+            d.row.status.set(FileStatus::Failed(why.to_owned()));
+        }
+    }
+
+    fn lost_sender(&mut self, phase: Phase) {
+        self.fail_all("the sender went away");
+        self.channel = None;
+        self.link = None;
+        self.sender = None;
+        self.ui.phase.set(phase);
+    }
+}
+
+pub struct ReceiverSession {
+    state: Rc<RefCell<State>>,
+}
+
+impl ReceiverSession {
+    pub fn start(ui: ReceiverUi, share: String) -> Self {
+        let state = Rc::new(RefCell::new(State {
+            ui,
+            share: share.parse().ok(),
+            signaling: None,
+            ice_servers: Vec::new(),
+            sender: None,
+            link: None,
+            channel: None,
+            downloads: HashMap::new(),
+        }));
+        match Signaling::connect() {
+            Ok((signaling, incoming)) => {
+                state.borrow_mut().signaling = Some(signaling);
+                spawn_local(run_signaling(Rc::downgrade(&state), incoming));
+            }
+            Err(e) => ui.phase.set(Phase::Failed(e.to_string())),
+        }
+        Self { state }
+    }
+
+    /// Asks the sender for one file.
+    pub fn request(&self, file: FileId) {
+        let mut s = self.state.borrow_mut();
+        let Some(row) = s.row(file) else { return };
+        let Some(dc) = s.channel.as_ref().map(|c| c.dc.clone()) else {
+            return;
+        };
+        let reassembly = match MemorySink::new(row.meta.size) {
+            Ok(sink) => Reassembly::new(row.meta.size, sink),
+            Err(e) => {
+                row.status.set(FileStatus::Failed(e.to_string()));
+                return;
+            }
+        };
+        if let Err(e) = send_msg(&dc, &PeerMsg::Request { file }) {
+            row.status.set(FileStatus::Failed(e.to_string()));
+            return;
+        }
+        row.done.set(0);
+        row.status.set(FileStatus::Requested);
+        s.downloads.insert(
+            file,
+            Download {
+                row,
+                reassembly,
+                last_progress: 0.0,
+            },
+        );
+    }
+}
+
+impl Drop for ReceiverSession {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.try_borrow_mut() {
+            s.channel = None;
+            s.link = None;
+            s.signaling = None;
+        }
+    }
+}
+
+async fn run_signaling(
+    state: Weak<RefCell<State>>,
+    mut incoming: impl Stream<Item = Incoming> + Unpin,
+) {
+    while let Some(msg) = incoming.next().await {
+        let Some(state) = state.upgrade() else { return };
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => {
+                let mut s = state.borrow_mut();
+                if s.channel.is_none() {
+                    s.ui.phase.set(Phase::Failed(e.to_string()));
+                }
+                // An open data channel keeps working without the server.
+                s.signaling = None;
+                return;
+            }
+        };
+        match msg {
+            ServerMsg::Welcome { ice_servers, .. } => {
+                let mut s = state.borrow_mut();
+                s.ice_servers = ice_servers;
+                match (&s.signaling, s.share.clone()) {
+                    (Some(sig), Some(share)) => {
+                        sig.send(ClientMsg::Join { share });
+                        s.ui.phase.set(Phase::WaitingForSender);
+                    }
+                    _ => s.ui.error.set(Some("this share is not available".into())),
+                }
+            }
+            ServerMsg::Joined { sender, .. } => {
+                let mut s = state.borrow_mut();
+                s.sender = Some(sender);
+                s.ui.phase.set(Phase::ConnectingPeer);
+            }
+            ServerMsg::Signal { from, payload } => {
+                if state.borrow().sender != Some(from) {
+                    continue;
+                }
+                let payload = match serde_json::from_str::<SignalPayload>(&payload) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        leptos::logging::warn!("unreadable signal: {e}");
+                        continue;
+                    }
+                };
+                let link = match ensure_link(&state, from) {
+                    Ok(link) => link,
+                    Err(e) => {
+                        state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
+                        continue;
+                    }
+                };
+                if let Err(e) = link.apply(payload).await {
+                    state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
+                }
+            }
+            ServerMsg::PeerLeft { peer } => {
+                let mut s = state.borrow_mut();
+                if s.sender == Some(peer) {
+                    s.lost_sender(Phase::SenderGone);
+                }
+            }
+            ServerMsg::Error { code, message } => {
+                let s = state.borrow();
+                match code {
+                    ErrorCode::NoSuchShare => {
+                        s.ui.phase.set(Phase::Failed("share unavailable".into()));
+                        s.ui.error.set(Some("This share is not available.".into()));
+                    }
+                    _ => leptos::logging::warn!("server error {code:?}: {message}"),
+                }
+            }
+            ServerMsg::ShareCreated { .. } | ServerMsg::PeerJoined { .. } | ServerMsg::Pong => {}
+        }
+    }
+}
+
+/// The connection to the sender, created on its first offer.
+fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>, ClientError> {
+    if let Some(link) = state.borrow().link.clone() {
+        return Ok(link);
+    }
+    let (link, events) = {
+        let s = state.borrow();
+        let signaling = s
+            .signaling
+            .clone()
+            .ok_or_else(|| ClientError::Signaling("not connected".into()))?;
+        RtcLink::new(sender, &s.ice_servers, signaling)?
+    };
+    let link = Rc::new(link);
+    state.borrow_mut().link = Some(link.clone());
+    spawn_local(watch_link(Rc::downgrade(state), events));
+    Ok(link)
+}
+
+async fn watch_link(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<LinkEvent>) {
+    while let Some(event) = events.next().await {
+        let Some(state) = state.upgrade() else { return };
+        match event {
+            LinkEvent::Channel(dc) => {
+                let flow = FlowControl::DEFAULT;
+                let (channel, events, _) = Channel::new(dc, flow.low_water, flow.high_water);
+                state.borrow_mut().channel = Some(channel);
+                spawn_local(run_channel(Rc::downgrade(&state), events));
+            }
+            LinkEvent::State(RtcPeerConnectionState::Failed) => {
+                state.borrow_mut().lost_sender(Phase::Failed(
+                    "could not reach the sender (ICE failed)".into(),
+                ));
+            }
+            LinkEvent::State(_) => {}
+        }
+    }
+}
+
+async fn run_channel(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<ChannelEvent>) {
+    while let Some(event) = events.next().await {
+        let Some(state) = state.upgrade() else { return };
+        let mut s = state.borrow_mut();
+        match event {
+            ChannelEvent::Open => s.ui.phase.set(Phase::Connected),
+            ChannelEvent::Text(text) => match serde_json::from_str::<PeerMsg>(&text) {
+                Ok(msg) => on_peer_msg(&mut s, msg),
+                Err(e) => leptos::logging::warn!("unreadable message from sender: {e}"),
+            },
+            ChannelEvent::Binary(buf) => on_frame(&mut s, &buf),
+            ChannelEvent::Closed => {
+                if s.sender.is_some() {
+                    s.lost_sender(Phase::SenderGone);
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn on_peer_msg(s: &mut State, msg: PeerMsg) {
+    match msg {
+        PeerMsg::Manifest { files } => update_list(s, files),
+        PeerMsg::FileEnd { file, size, sha256 } => {
+            let Some(d) = s.downloads.remove(&file) else {
+                return;
+            };
+            d.row.status.set(FileStatus::Verifying);
+            d.row.done.set(d.reassembly.received());
+            match d.reassembly.finish(size, &sha256) {
+                Ok(sink) => match save(&d.row.meta.name, &d.row.meta.mime, &sink.into_bytes()) {
+                    Ok(()) => d.row.status.set(FileStatus::Verified),
+                    Err(e) => d.row.status.set(FileStatus::Failed(e.to_string())),
+                },
+                Err(TransferError::Integrity) => {
+                    d.row.status.set(FileStatus::Failed("integrity".into()))
+                }
+                Err(e) => d.row.status.set(FileStatus::Failed(e.to_string())),
+            }
+        }
+        PeerMsg::FileError { file, message } => {
+            if let Some(d) = s.downloads.remove(&file) {
+                d.row.status.set(FileStatus::Failed(message));
+            }
+        }
+        PeerMsg::Request { .. } => {}
+    }
+}
+
+/// Replaces the list with the sender's, keeping rows (and their progress) for files still there.
+fn update_list(s: &mut State, files: Vec<FileMeta>) {
+    let old: HashMap<FileId, FileRow> =
+        s.ui.files
+            .with_untracked(|rows| rows.iter().map(|r| (r.id(), r.clone())).collect());
+    let rows: Vec<FileRow> = files
+        .into_iter()
+        .map(|meta| match old.get(&meta.id) {
+            Some(row) if row.meta.size == meta.size => row.clone(),
+            _ => FileRow::new(meta),
+        })
+        .collect();
+    s.downloads
+        .retain(|id, _| rows.iter().any(|r| r.id() == *id));
+    s.ui.files.set(rows);
+}
+
+fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
+    let bytes = js_sys::Uint8Array::new(buf);
+    let len = bytes.length() as usize;
+    let mut header = [0u8; frame::HEADER_LEN];
+    if len < frame::HEADER_LEN {
+        leptos::logging::warn!("{}", TransferError::ShortFrame(len));
+        return;
+    }
+    bytes
+        .subarray(0, frame::HEADER_LEN as u32)
+        .copy_to(&mut header);
+    let Ok((file, offset)) = frame::decode_header(&header) else {
+        return;
+    };
+    let Some(d) = s.downloads.get_mut(&file) else {
+        return;
+    };
+    let payload = bytes
+        .subarray(frame::HEADER_LEN as u32, len as u32)
+        .to_vec();
+    match d.reassembly.write(offset, &payload) {
+        Ok(()) => {
+            let now = now_ms();
+            if d.row.status.get_untracked() == FileStatus::Requested {
+                d.row.status.set(FileStatus::Receiving);
+            }
+            if now - d.last_progress >= PROGRESS_EVERY_MS || d.reassembly.is_complete() {
+                d.last_progress = now;
+                d.row.done.set(d.reassembly.received());
+            }
+        }
+        Err(e) => {
+            if let Some(d) = s.downloads.remove(&file) {
+                d.row.status.set(FileStatus::Failed(e.to_string()));
+            }
+        }
+    }
+}

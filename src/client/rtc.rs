@@ -1,0 +1,202 @@
+//! One RTCPeerConnection to one remote peer, signaled through the broker with trickle ICE.
+//! Candidates that arrive before the remote description are held and applied after it.
+
+use super::signaling::Signaling;
+use super::ClientError;
+use crate::protocol::{IceServer, PeerId, SignalPayload};
+use futures::channel::mpsc::{unbounded, UnboundedReceiver};
+use gloo_events::EventListener;
+use std::cell::{Cell, RefCell};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    RtcConfiguration, RtcDataChannel, RtcDataChannelEvent, RtcDataChannelInit, RtcIceCandidateInit,
+    RtcIceServer, RtcPeerConnection, RtcPeerConnectionIceEvent, RtcPeerConnectionState, RtcSdpType,
+    RtcSessionDescriptionInit,
+};
+
+/// What the connection reports, in order.
+pub enum LinkEvent {
+    /// The remote side opened a data channel (receiver side).
+    Channel(RtcDataChannel),
+    State(RtcPeerConnectionState),
+}
+
+pub struct RtcLink {
+    pc: RtcPeerConnection,
+    remote: PeerId,
+    signaling: Signaling,
+    has_remote_description: Cell<bool>,
+    pending_candidates: RefCell<Vec<RtcIceCandidateInit>>,
+    _listeners: [EventListener; 3],
+}
+
+impl RtcLink {
+    pub fn new(
+        remote: PeerId,
+        ice_servers: &[IceServer],
+        signaling: Signaling,
+    ) -> Result<(Self, UnboundedReceiver<LinkEvent>), ClientError> {
+        let config = RtcConfiguration::new();
+        let servers = js_sys::Array::new();
+        for s in ice_servers {
+            let server = RtcIceServer::new();
+            let urls: js_sys::Array = s.urls.iter().map(|u| JsValue::from_str(u)).collect();
+            server.set_urls(&urls);
+            if let Some(u) = &s.username {
+                server.set_username(u);
+            }
+            if let Some(c) = &s.credential {
+                server.set_credential(c);
+            }
+            servers.push(&server);
+        }
+        config.set_ice_servers(&servers);
+        let pc = RtcPeerConnection::new_with_configuration(&config)?;
+
+        let (events, rx) = unbounded();
+        let on_candidate = {
+            let signaling = signaling.clone();
+            EventListener::new(&pc, "icecandidate", move |ev| {
+                let Some(candidate) = ev
+                    .dyn_ref::<RtcPeerConnectionIceEvent>()
+                    .and_then(RtcPeerConnectionIceEvent::candidate)
+                else {
+                    return; // end of candidates
+                };
+                signaling.signal(
+                    remote,
+                    &SignalPayload::Candidate {
+                        candidate: candidate.candidate(),
+                        sdp_mid: candidate.sdp_mid(),
+                        sdp_m_line_index: candidate.sdp_m_line_index(),
+                    },
+                );
+            })
+        };
+        let on_state = {
+            let events = events.clone();
+            let pc2 = pc.clone();
+            EventListener::new(&pc, "connectionstatechange", move |_| {
+                let _ = events.unbounded_send(LinkEvent::State(pc2.connection_state()));
+            })
+        };
+        let on_channel = EventListener::new(&pc, "datachannel", move |ev| {
+            if let Some(ev) = ev.dyn_ref::<RtcDataChannelEvent>() {
+                let _ = events.unbounded_send(LinkEvent::Channel(ev.channel()));
+            }
+        });
+        Ok((
+            Self {
+                pc,
+                remote,
+                signaling,
+                has_remote_description: Cell::new(false),
+                pending_candidates: RefCell::new(Vec::new()),
+                _listeners: [on_candidate, on_state, on_channel],
+            },
+            rx,
+        ))
+    }
+
+    pub fn remote(&self) -> PeerId {
+        self.remote
+    }
+
+    /// An ordered, reliable channel (sender side; create before the offer).
+    pub fn create_channel(&self, label: &str) -> RtcDataChannel {
+        let init = RtcDataChannelInit::new();
+        init.set_ordered(true);
+        self.pc
+            .create_data_channel_with_data_channel_dict(label, &init)
+    }
+
+    /// Creates the offer, applies it locally and sends it to the remote peer.
+    pub async fn offer(&self) -> Result<(), ClientError> {
+        let offer = JsFuture::from(self.pc.create_offer()).await?;
+        let sdp = sdp_of(&offer)?;
+        self.set_local(RtcSdpType::Offer, &sdp).await?;
+        self.signaling
+            .signal(self.remote, &SignalPayload::Offer { sdp });
+        Ok(())
+    }
+
+    /// Applies one payload from the remote peer (answering an offer).
+    pub async fn apply(&self, payload: SignalPayload) -> Result<(), ClientError> {
+        match payload {
+            SignalPayload::Offer { sdp } => {
+                self.set_remote(RtcSdpType::Offer, &sdp).await?;
+                let answer = JsFuture::from(self.pc.create_answer()).await?;
+                let sdp = sdp_of(&answer)?;
+                self.set_local(RtcSdpType::Answer, &sdp).await?;
+                self.signaling
+                    .signal(self.remote, &SignalPayload::Answer { sdp });
+            }
+            SignalPayload::Answer { sdp } => self.set_remote(RtcSdpType::Answer, &sdp).await?,
+            SignalPayload::Candidate {
+                candidate,
+                sdp_mid,
+                sdp_m_line_index,
+            } => {
+                let init = RtcIceCandidateInit::new(&candidate);
+                init.set_sdp_mid(sdp_mid.as_deref());
+                init.set_sdp_m_line_index(sdp_m_line_index);
+                if self.has_remote_description.get() {
+                    self.add_candidate(&init).await?;
+                } else {
+                    self.pending_candidates.borrow_mut().push(init);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The SCTP transport's `maxMessageSize`, once negotiated.
+    pub fn max_message_size(&self) -> Option<usize> {
+        let sctp = js_sys::Reflect::get(&self.pc, &"sctp".into()).ok()?;
+        let max = js_sys::Reflect::get(&sctp, &"maxMessageSize".into())
+            .ok()?
+            .as_f64()?;
+        (max.is_finite() && max > 0.0).then_some(max as usize)
+    }
+
+    async fn set_local(&self, kind: RtcSdpType, sdp: &str) -> Result<(), ClientError> {
+        let desc = RtcSessionDescriptionInit::new(kind);
+        desc.set_sdp(sdp);
+        JsFuture::from(self.pc.set_local_description(&desc)).await?;
+        Ok(())
+    }
+
+    async fn set_remote(&self, kind: RtcSdpType, sdp: &str) -> Result<(), ClientError> {
+        let desc = RtcSessionDescriptionInit::new(kind);
+        desc.set_sdp(sdp);
+        JsFuture::from(self.pc.set_remote_description(&desc)).await?;
+        self.has_remote_description.set(true);
+        let pending = std::mem::take(&mut *self.pending_candidates.borrow_mut());
+        for init in pending {
+            self.add_candidate(&init).await?;
+        }
+        Ok(())
+    }
+
+    async fn add_candidate(&self, init: &RtcIceCandidateInit) -> Result<(), ClientError> {
+        JsFuture::from(
+            self.pc
+                .add_ice_candidate_with_opt_rtc_ice_candidate_init(Some(init)),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+impl Drop for RtcLink {
+    fn drop(&mut self) {
+        self.pc.close();
+    }
+}
+
+fn sdp_of(description: &JsValue) -> Result<String, ClientError> {
+    js_sys::Reflect::get(description, &"sdp".into())?
+        .as_string()
+        .ok_or_else(|| ClientError::Js("session description without sdp".into()))
+}

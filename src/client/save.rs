@@ -1,0 +1,33 @@
+//! Hands finished bytes to the browser as a normal download with the original name.
+
+use super::{window, ClientError};
+use wasm_bindgen::JsCast;
+use web_sys::{Blob, BlobPropertyBag, HtmlAnchorElement, Url};
+
+pub fn save(name: &str, mime: &str, bytes: &[u8]) -> Result<(), ClientError> {
+    let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes));
+    let options = BlobPropertyBag::new();
+    options.set_type(if mime.is_empty() {
+        "application/octet-stream"
+    } else {
+        mime
+    });
+    let blob = Blob::new_with_u8_array_sequence_and_options(&parts, &options)?;
+    let url = Url::create_object_url_with_blob(&blob)?;
+    let document = window()?
+        .document()
+        .ok_or_else(|| ClientError::Js("no document".into()))?;
+    let anchor: HtmlAnchorElement = document
+        .create_element("a")?
+        .dyn_into()
+        .map_err(|_| ClientError::Js("could not create a link element".into()))?;
+    anchor.set_href(&url);
+    anchor.set_download(name);
+    anchor.click();
+    // The download has started from the URL; release it once the browser has had time to read it.
+    wasm_bindgen_futures::spawn_local(async move {
+        gloo_timers::future::TimeoutFuture::new(60_000).await;
+        let _ = Url::revoke_object_url(&url);
+    });
+    Ok(())
+}

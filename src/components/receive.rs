@@ -1,0 +1,156 @@
+//! The receiver's page `/s/<share>#<secret>`: server-rendered availability, then a live file list.
+
+use super::{human_size, ErrorBanner, FileRow, FileStatus};
+use crate::transfer::FileId;
+use leptos::prelude::*;
+use leptos_router::hooks::use_params_map;
+use std::fmt;
+
+/// Where the receiver's connection stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    ConnectingServer,
+    WaitingForSender,
+    ConnectingPeer,
+    Connected,
+    SenderGone,
+    Failed(String),
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::ConnectingServer => f.write_str("Connecting…"),
+            Phase::WaitingForSender => f.write_str("Waiting for the sender…"),
+            Phase::ConnectingPeer => f.write_str("Connecting to the sender…"),
+            Phase::Connected => f.write_str("Connected to the sender"),
+            Phase::SenderGone => f.write_str("The sender went away"),
+            Phase::Failed(why) => write!(f, "Connection failed: {why}"),
+        }
+    }
+}
+
+/// What the receiver's page shows; written by the client session, read by the view.
+#[derive(Clone, Copy)]
+pub struct ReceiverUi {
+    pub phase: RwSignal<Phase>,
+    pub files: RwSignal<Vec<FileRow>>,
+    pub error: RwSignal<Option<String>>,
+}
+
+/// Whether a share is live right now (asked during SSR, so the first HTML already says so).
+#[server]
+pub async fn share_available(share: String) -> Result<bool, ServerFnError> {
+    use crate::protocol::ShareId;
+    let state = use_context::<crate::server::AppState>()
+        .ok_or_else(|| ServerFnError::new("server state missing"))?;
+    let Ok(share) = share.parse::<ShareId>() else {
+        return Ok(false);
+    };
+    state
+        .broker
+        .share_owner(&share)
+        .await
+        .map(|owner| owner.is_some())
+        .map_err(|e| ServerFnError::new(e.to_string()))
+}
+
+#[component]
+pub fn ReceivePage() -> impl IntoView {
+    let params = use_params_map();
+    let share = move || params.read().get("share").unwrap_or_default();
+    let available = Resource::new(share, share_available);
+    view! {
+        <section class="card">
+            <h1>"Receive files"</h1>
+            <Suspense fallback=|| view! { <p class="notice">"Looking up this share…"</p> }>
+                {move || Suspend::new(async move {
+                    match available.await {
+                        Ok(true) => view! { <Receiver share=share()/> }.into_any(),
+                        Ok(false) => view! {
+                            <p class="error" role="alert" data-testid="error">
+                                "This share is not available. The sender may have closed their tab, or the link is wrong."
+                            </p>
+                        }.into_any(),
+                        Err(e) => view! {
+                            <p class="error" role="alert" data-testid="error">{format!("Could not look up this share: {e}")}</p>
+                        }.into_any(),
+                    }
+                })}
+            </Suspense>
+        </section>
+    }
+}
+
+#[component]
+fn Receiver(share: String) -> impl IntoView {
+    let ui = ReceiverUi {
+        phase: RwSignal::new(Phase::ConnectingServer),
+        files: RwSignal::new(Vec::new()),
+        error: RwSignal::new(None),
+    };
+
+    #[cfg(feature = "hydrate")]
+    let session = {
+        let session = StoredValue::new_local(None::<crate::client::receiver::ReceiverSession>);
+        Effect::new(move |_| {
+            if session.with_value(Option::is_none) {
+                let started = crate::client::receiver::ReceiverSession::start(ui, share.clone());
+                session.set_value(Some(started));
+            }
+        });
+        session
+    };
+    #[cfg(not(feature = "hydrate"))]
+    let _ = share;
+    let request = move |file: FileId| {
+        #[cfg(feature = "hydrate")]
+        session.with_value(|s| {
+            if let Some(s) = s {
+                s.request(file);
+            }
+        });
+        #[cfg(not(feature = "hydrate"))]
+        let _ = file;
+    };
+    let connected = move || ui.phase.get() == Phase::Connected;
+
+    view! {
+        <p class="phase" data-testid="status">{move || ui.phase.get().to_string()}</p>
+        <ErrorBanner error=ui.error/>
+        <ul class="files">
+            <For each=move || ui.files.get() key=FileRow::id let:row>
+                {
+                    let id = row.id();
+                    let size = row.meta.size;
+                    let done = row.done.clone();
+                    let status = row.status.clone();
+                    let status_text = status.clone();
+                    let busy = move || {
+                        matches!(
+                            status.get(),
+                            FileStatus::Requested | FileStatus::Receiving | FileStatus::Verifying
+                        )
+                    };
+                    view! {
+                        <li class="file" data-testid="file-item">
+                            <span class="name">{row.display_name()}</span>
+                            <span class="size">{human_size(size)}</span>
+                            <progress max=size.max(1) value=move || done.get()></progress>
+                            <span class="status" data-testid="file-status">
+                                {move || status_text.get().to_string()}
+                            </span>
+                            <button
+                                data-testid="download"
+                                disabled=move || !connected() || busy()
+                                on:click=move |_| request(id)
+                            >
+                                "Download"
+                            </button>
+                        </li>
+                    }
+                }
+            </For>
+        </ul>
+    }
+}

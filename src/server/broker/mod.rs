@@ -1,0 +1,98 @@
+//! The signaling broker: peers addressed by topic `peer:<id>`, each registered as `peer_state:<id>`
+//! for exactly as long as its socket task lives, and shares bound to their sender's peer.
+//!
+//! One trait, one implementation per backend, chosen from config by URI scheme.
+
+mod memory;
+
+pub use memory::MemoryBroker;
+
+use crate::protocol::{PeerId, ServerMsg, ShareId};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerError {
+    #[error("no such peer")]
+    UnknownPeer,
+    #[error("the peer's inbox is full")]
+    PeerBusy,
+    #[error("peer id already registered")]
+    AlreadyRegistered,
+    #[error("unsupported broker URI {0:?} (expected memory://)")]
+    UnsupportedUri(String),
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+/// Drops whatever a backend must undo when a registration or share ends.
+pub type Guard = Box<dyn Send + Sync>;
+
+/// A peer's subscription to its own topic. Dropping it unregisters the peer, whatever ends the
+/// owning task: a clean close, an error, a panic or an abort.
+pub struct Registration {
+    pub inbox: mpsc::Receiver<ServerMsg>,
+    _guard: Guard,
+}
+
+impl Registration {
+    pub fn new(inbox: mpsc::Receiver<ServerMsg>, guard: Guard) -> Self {
+        Self {
+            inbox,
+            _guard: guard,
+        }
+    }
+}
+
+/// A live share. Dropping it withdraws the share.
+pub struct ShareLease {
+    pub share: ShareId,
+    _guard: Guard,
+}
+
+impl ShareLease {
+    pub fn new(share: ShareId, guard: Guard) -> Self {
+        Self {
+            share,
+            _guard: guard,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Registers `peer_state:<peer>` and subscribes to `peer:<peer>`.
+    async fn register(&self, peer: PeerId) -> Result<Registration, BrokerError>;
+    /// Publishes to `peer:<to>`; never waits on the receiver.
+    async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError>;
+    /// Whether `peer_state:<peer>` exists right now.
+    async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError>;
+    /// A fresh share bound to `owner`.
+    async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError>;
+    /// The share's sender, if the share is live.
+    async fn share_owner(&self, share: &ShareId) -> Result<Option<PeerId>, BrokerError>;
+}
+
+pub type DynBroker = Arc<dyn Broker>;
+
+/// The backend named by `uri`.
+pub fn from_uri(uri: &str, inbox_capacity: usize) -> Result<DynBroker, BrokerError> {
+    match uri.split_once("://") {
+        Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(inbox_capacity))),
+        _ => Err(BrokerError::UnsupportedUri(uri.to_owned())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_is_chosen_by_scheme() {
+        assert!(from_uri("memory://", 8).is_ok());
+        assert_eq!(
+            from_uri("carrier-pigeon://x", 8).err(),
+            Some(BrokerError::UnsupportedUri("carrier-pigeon://x".into()))
+        );
+    }
+}
