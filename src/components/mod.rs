@@ -77,6 +77,14 @@ pub fn human_size(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// `true` once this page runs in the browser (effects never run during SSR). Rendered as
+/// `data-hydrated` so tests and styles can tell a live page from server-rendered HTML.
+pub fn hydrated() -> ReadSignal<bool> {
+    let (hydrated, set_hydrated) = signal(false);
+    Effect::new(move |_| set_hydrated.set(true));
+    hydrated
+}
+
 /// The error banner (`data-testid="error"`), shown while `error` holds a message.
 #[component]
 pub fn ErrorBanner(error: RwSignal<Option<String>>) -> impl IntoView {

@@ -1,6 +1,6 @@
 //! The receiver's page `/s/<share>#<secret>`: server-rendered availability, then a live file list.
 
-use super::{human_size, ErrorBanner, FileRow, FileStatus};
+use super::{human_size, hydrated, ErrorBanner, FileRow, FileStatus};
 use crate::transfer::FileId;
 use leptos::prelude::*;
 use leptos_router::hooks::use_params_map;
@@ -114,9 +114,10 @@ fn Receiver(share: String) -> impl IntoView {
         let _ = file;
     };
     let connected = move || ui.phase.get() == Phase::Connected;
+    let hydrated = hydrated();
 
     view! {
-        <p class="phase" data-testid="status">{move || ui.phase.get().to_string()}</p>
+        <p class="phase" data-testid="status" data-hydrated=move || hydrated.get().to_string()>{move || ui.phase.get().to_string()}</p>
         <ErrorBanner error=ui.error/>
         <ul class="files">
             <For each=move || ui.files.get() key=FileRow::id let:row>

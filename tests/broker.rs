@@ -1,0 +1,827 @@
+//! Integration tests for the signaling broker at `/ws`: every test starts a real server on an
+//! ephemeral port, talks to it with real WebSocket clients and shuts it down at the end.
+//!
+//! Run with `cargo test --features ssr --test broker`.
+
+use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
+use beamdrop::server::config::{Config, Limits};
+use beamdrop::server::{start, RunningServer};
+use futures::{SinkExt, StreamExt};
+use leptos::prelude::LeptosOptions;
+use serde_json::json;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{timeout, Instant};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+use uuid::Uuid;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How long any single expected event may take before the test fails instead of hanging.
+const STEP: Duration = Duration::from_secs(5);
+/// How long a client must stay silent to count as "received nothing".
+const QUIET: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------------------------------------
+// Server helpers
+// ---------------------------------------------------------------------------------------------
+
+fn config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    }
+}
+
+async fn server_with(config: Config) -> RunningServer {
+    let options = LeptosOptions::builder().output_name("beamdrop").build();
+    start(config, options).await.expect("server starts")
+}
+
+async fn server() -> RunningServer {
+    server_with(config()).await
+}
+
+async fn stop(server: RunningServer) {
+    timeout(STEP, server.shutdown())
+        .await
+        .expect("shutdown finishes in time")
+        .expect("shutdown returns Ok");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client helpers
+// ---------------------------------------------------------------------------------------------
+
+/// TCP connect + WebSocket handshake on `/ws`, without reading anything.
+async fn open(addr: SocketAddr) -> Result<Ws, tungstenite::Error> {
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let (ws, _response) =
+            tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp).await?;
+        Ok(ws)
+    };
+    timeout(STEP, attempt).await.expect("handshake in time")
+}
+
+/// A connected client and the identity the server's Welcome gave it.
+async fn connect(addr: SocketAddr) -> (Ws, PeerId) {
+    let mut ws = open(addr).await.expect("websocket handshake");
+    match recv(&mut ws).await {
+        ServerMsg::Welcome { you, .. } => (ws, you),
+        other => panic!("first message must be Welcome, got {other:?}"),
+    }
+}
+
+async fn send_text(ws: &mut Ws, text: String) {
+    timeout(STEP, ws.send(Message::text(text)))
+        .await
+        .expect("send in time")
+        .expect("send succeeds");
+}
+
+async fn send(ws: &mut Ws, msg: &ClientMsg) {
+    send_text(ws, serde_json::to_string(msg).unwrap()).await;
+}
+
+async fn signal(ws: &mut Ws, to: PeerId, payload: &str) {
+    send(
+        ws,
+        &ClientMsg::Signal {
+            to,
+            payload: payload.into(),
+        },
+    )
+    .await;
+}
+
+/// The next server message within `wait`, skipping ping/pong frames; `None` on timeout.
+/// Panics if the connection closes or the server sends anything but JSON text.
+async fn recv_within(ws: &mut Ws, wait: Duration) -> Option<ServerMsg> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next()).await.ok()?;
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                return Some(serde_json::from_str(t.as_str()).unwrap_or_else(|e| {
+                    panic!("server sent text that is not a ServerMsg: {t:?}: {e}")
+                }))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn recv(ws: &mut Ws) -> ServerMsg {
+    recv_within(ws, STEP)
+        .await
+        .unwrap_or_else(|| panic!("no server message within {STEP:?}"))
+}
+
+async fn assert_silent(ws: &mut Ws, who: &str) {
+    if let Some(msg) = recv_within(ws, QUIET).await {
+        panic!("{who} should have received nothing, got {msg:?}");
+    }
+}
+
+async fn expect_error(ws: &mut Ws, code: ErrorCode) {
+    match recv(ws).await {
+        ServerMsg::Error { code: got, .. } if got == code => {}
+        other => panic!("expected Error {{ code: {code:?} }}, got {other:?}"),
+    }
+}
+
+async fn create_share(ws: &mut Ws) -> ShareId {
+    send(ws, &ClientMsg::CreateShare).await;
+    match recv(ws).await {
+        ServerMsg::ShareCreated { share } => share,
+        other => panic!("expected ShareCreated, got {other:?}"),
+    }
+}
+
+/// Joins `share` as a receiver; returns the sender the server introduced.
+async fn join(ws: &mut Ws, share: &ShareId) -> PeerId {
+    send(
+        ws,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    match recv(ws).await {
+        ServerMsg::Joined { share: s, sender } if &s == share => sender,
+        other => panic!("expected Joined {{ share: {share} }}, got {other:?}"),
+    }
+}
+
+/// `receiver` joins `sender`'s share; checks both sides of the introduction.
+async fn introduce(
+    sender: &mut Ws,
+    sender_id: PeerId,
+    share: &ShareId,
+    receiver: &mut Ws,
+    receiver_id: PeerId,
+) {
+    assert_eq!(join(receiver, share).await, sender_id);
+    assert_eq!(
+        recv(sender).await,
+        ServerMsg::PeerJoined {
+            share: share.clone(),
+            peer: receiver_id,
+        }
+    );
+}
+
+/// How a connection ended, as seen by the client.
+#[derive(Debug, PartialEq)]
+enum End {
+    /// A close frame, with its code.
+    Close(Option<u16>),
+    /// The stream ended without a close frame.
+    Eof,
+    /// A transport error (e.g. a reset) ended the stream.
+    Error(String),
+}
+
+/// Reads (skipping text and ping/pong) until the connection ends; panics after [`STEP`].
+async fn ending(ws: &mut Ws) -> End {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("connection still open after {STEP:?}"));
+        match frame {
+            Some(Ok(Message::Close(frame))) => return End::Close(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return End::Error(e.to_string()),
+            None => return End::Eof,
+        }
+    }
+}
+
+/// A sender with a share and one receiver, introduced to each other.
+async fn pair(addr: SocketAddr) -> (Ws, PeerId, ShareId, Ws, PeerId) {
+    let (mut a, a_id) = connect(addr).await;
+    let share = create_share(&mut a).await;
+    let (mut b, b_id) = connect(addr).await;
+    introduce(&mut a, a_id, &share, &mut b, b_id).await;
+    (a, a_id, share, b, b_id)
+}
+
+/// Both directions of a pair still relay.
+async fn assert_relays(a: &mut Ws, a_id: PeerId, b: &mut Ws, b_id: PeerId) {
+    signal(b, a_id, "b->a").await;
+    assert_eq!(
+        recv(a).await,
+        ServerMsg::Signal {
+            from: b_id,
+            payload: "b->a".into()
+        }
+    );
+    signal(a, b_id, "a->b").await;
+    assert_eq!(
+        recv(b).await,
+        ServerMsg::Signal {
+            from: a_id,
+            payload: "a->b".into()
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_gives_distinct_ids_and_configured_ice_servers() {
+    let ice_servers = vec![
+        IceServer {
+            urls: vec!["stun:stun.example.org:3478".into()],
+            ..Default::default()
+        },
+        IceServer {
+            urls: vec![
+                "turn:turn.example.org:3478?transport=udp".into(),
+                "turns:turn.example.org:5349".into(),
+            ],
+            username: Some("alice".into()),
+            credential: Some("s3cret".into()),
+        },
+    ];
+    let server = server_with(Config {
+        ice_servers: ice_servers.clone(),
+        ..config()
+    })
+    .await;
+
+    let mut ids = HashSet::new();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut ws = open(server.addr).await.unwrap();
+        match recv(&mut ws).await {
+            ServerMsg::Welcome {
+                you,
+                ice_servers: got,
+            } => {
+                assert_eq!(got, ice_servers);
+                assert!(ids.insert(you), "peer id {you} handed out twice");
+            }
+            other => panic!("first message must be Welcome, got {other:?}"),
+        }
+        clients.push(ws);
+    }
+    assert_eq!(ids.len(), 4);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_join_and_signal_relay_both_ways() {
+    let server = server().await;
+    let (mut a, a_id) = connect(server.addr).await;
+    let (mut b, b_id) = connect(server.addr).await;
+    assert_ne!(a_id, b_id);
+
+    let share = create_share(&mut a).await;
+    send(
+        &mut b,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerMsg::Joined {
+            share: share.clone(),
+            sender: a_id
+        }
+    );
+    assert_eq!(
+        recv(&mut a).await,
+        ServerMsg::PeerJoined {
+            share: share.clone(),
+            peer: b_id
+        }
+    );
+
+    // Opaque payloads arrive byte for byte, whatever they contain.
+    let offer = "{\"type\":\"offer\",\"sdp\":\"v=0\\r\\no=- 1 2 IN IP4 127.0.0.1\\r\\n\"} \"quotes\" \\ ünïcødé ✓\n";
+    signal(&mut b, a_id, offer).await;
+    assert_eq!(
+        recv(&mut a).await,
+        ServerMsg::Signal {
+            from: b_id,
+            payload: offer.into()
+        }
+    );
+
+    let answer = "answer: ∂ \u{0}\t{}";
+    signal(&mut a, b_id, answer).await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerMsg::Signal {
+            from: a_id,
+            payload: answer.into()
+        }
+    );
+
+    // A burst arrives complete and in order.
+    for i in 0..20 {
+        signal(&mut b, a_id, &format!("candidate {i}")).await;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            recv(&mut a).await,
+            ServerMsg::Signal {
+                from: b_id,
+                payload: format!("candidate {i}")
+            }
+        );
+    }
+    // Nobody receives their own signals back.
+    assert_silent(&mut b, "B").await;
+    assert_silent(&mut a, "A").await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signal_sender_cannot_be_spoofed() {
+    let server = server().await;
+    let (mut a, a_id, share, mut b, b_id) = pair(server.addr).await;
+    let (mut c, c_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    // A made-up id, and the id of another peer A knows.
+    for fake in [PeerId(Uuid::new_v4()), c_id, a_id] {
+        let raw = json!({"type": "signal", "to": a_id, "from": fake, "payload": "x"});
+        send_text(&mut b, raw.to_string()).await;
+        assert_eq!(
+            recv(&mut a).await,
+            ServerMsg::Signal {
+                from: b_id,
+                payload: "x".into()
+            },
+            "claimed from = {fake}"
+        );
+    }
+    assert_silent(&mut c, "C").await;
+    assert_silent(&mut b, "B").await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_reach_only_introduced_peers() {
+    let server = server().await;
+    let (mut a, a_id, _share, mut b, b_id) = pair(server.addr).await;
+    let (mut c, c_id) = connect(server.addr).await;
+
+    // Nobody has this id.
+    signal(&mut b, PeerId(Uuid::new_v4()), "hello?").await;
+    expect_error(&mut b, ErrorCode::UnknownPeer).await;
+
+    // C is registered but was never introduced to anyone: not reachable, and cannot reach.
+    signal(&mut b, c_id, "psst").await;
+    expect_error(&mut b, ErrorCode::UnknownPeer).await;
+    signal(&mut a, c_id, "psst").await;
+    expect_error(&mut a, ErrorCode::UnknownPeer).await;
+    signal(&mut c, a_id, "let me in").await;
+    expect_error(&mut c, ErrorCode::UnknownPeer).await;
+    signal(&mut c, b_id, "let me in").await;
+    expect_error(&mut c, ErrorCode::UnknownPeer).await;
+    assert_silent(&mut c, "C").await;
+    assert_silent(&mut a, "A").await;
+    assert_silent(&mut b, "B").await;
+
+    // The refusals did not disturb the introduced pair.
+    assert_relays(&mut a, a_id, &mut b, b_id).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_close_unregisters_the_receiver() {
+    let server = server().await;
+    let (mut a, a_id, _share, mut b, b_id) = pair(server.addr).await;
+
+    timeout(STEP, b.close(None)).await.unwrap().unwrap();
+    // The server completes the closing handshake (RFC 6455 5.5.1): B gets a close frame back.
+    let end = ending(&mut b).await;
+    assert!(
+        matches!(end, End::Close(_)),
+        "B's close was not echoed: {end:?}"
+    );
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: b_id });
+    signal(&mut a, b_id, "still there?").await;
+    expect_error(&mut a, ErrorCode::UnknownPeer).await;
+    let _ = a_id;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_close_withdraws_the_share_and_tells_receivers() {
+    let server = server().await;
+    let (mut a, a_id, share, mut b, b_id) = pair(server.addr).await;
+    let (mut c, c_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    timeout(STEP, a.close(None)).await.unwrap().unwrap();
+    assert_eq!(recv(&mut b).await, ServerMsg::PeerLeft { peer: a_id });
+    assert_eq!(recv(&mut c).await, ServerMsg::PeerLeft { peer: a_id });
+
+    // The share went with its sender: neither a newcomer nor an old receiver can join it.
+    let (mut e, _e_id) = connect(server.addr).await;
+    send(
+        &mut e,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    expect_error(&mut e, ErrorCode::NoSuchShare).await;
+    send(
+        &mut b,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    expect_error(&mut b, ErrorCode::NoSuchShare).await;
+
+    // And the sender is unreachable.
+    signal(&mut b, a_id, "hello?").await;
+    expect_error(&mut b, ErrorCode::UnknownPeer).await;
+
+    // The receivers were never introduced to each other.
+    signal(&mut b, c_id, "hi").await;
+    expect_error(&mut b, ErrorCode::UnknownPeer).await;
+    assert_silent(&mut c, "C").await;
+    let _ = b_id;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abrupt_disconnects_unregister_the_peer() {
+    let server = server().await;
+    let (mut a, a_id, share, b, b_id) = pair(server.addr).await;
+    let (mut c, c_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    // B: the TCP stream is dropped without a close frame.
+    drop(b);
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: b_id });
+    signal(&mut a, b_id, "still there?").await;
+    expect_error(&mut a, ErrorCode::UnknownPeer).await;
+
+    // C: the TCP connection is reset (SO_LINGER 0 turns close into RST).
+    c.get_ref().set_zero_linger().unwrap();
+    drop(c);
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: c_id });
+    signal(&mut a, c_id, "still there?").await;
+    expect_error(&mut a, ErrorCode::UnknownPeer).await;
+
+    // The sender's own abrupt drop withdraws its share and tells its receivers.
+    let (mut d, d_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut d, d_id).await;
+    a.get_ref().set_zero_linger().unwrap();
+    drop(a);
+    assert_eq!(recv(&mut d).await, ServerMsg::PeerLeft { peer: a_id });
+    signal(&mut d, a_id, "hello?").await;
+    expect_error(&mut d, ErrorCode::UnknownPeer).await;
+    let (mut e, _) = connect(server.addr).await;
+    send(&mut e, &ClientMsg::Join { share }).await;
+    expect_error(&mut e, ErrorCode::NoSuchShare).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_leaving_never_unregisters_the_sender() {
+    let server = server().await;
+    let (mut a, a_id, share, mut b, b_id) = pair(server.addr).await;
+    let (mut c, c_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    // One receiver leaves cleanly, the other abruptly.
+    timeout(STEP, b.close(None)).await.unwrap().unwrap();
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: b_id });
+    drop(c);
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: c_id });
+
+    // The sender and its share are untouched.
+    let (mut d, d_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut d, d_id).await;
+    assert_relays(&mut a, a_id, &mut d, d_id).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_are_rejected_and_the_connection_survives() {
+    let server = server().await;
+    let (mut a, a_id, _share, mut b, b_id) = pair(server.addr).await;
+
+    let bad = [
+        "{not json".to_string(),
+        "".to_string(),
+        "[]".to_string(),
+        r#"{"type":"shutdown"}"#.to_string(),
+        r#"{"to":"00000000-0000-0000-0000-000000000001","payload":"x"}"#.to_string(),
+        r#"{"type":"join","share":"../etc/passwd"}"#.to_string(),
+        r#"{"type":"join"}"#.to_string(),
+        json!({"type": "signal", "to": "not-a-uuid", "payload": "x"}).to_string(),
+        json!({"type": "signal", "to": a_id, "payload": 42}).to_string(),
+    ];
+    for text in bad {
+        send_text(&mut b, text.clone()).await;
+        match recv(&mut b).await {
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            } => {}
+            other => panic!("{text:?} must be a BadMessage, got {other:?}"),
+        }
+    }
+    assert_silent(&mut a, "A").await;
+
+    // Still usable: keep-alive and relaying.
+    send(&mut b, &ClientMsg::Ping).await;
+    assert_eq!(recv(&mut b).await, ServerMsg::Pong);
+    assert_relays(&mut a, a_id, &mut b, b_id).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_frame_closes_with_bad_frame() {
+    let server = server().await;
+    let (mut a, a_id, _share, mut b, b_id) = pair(server.addr).await;
+
+    timeout(
+        STEP,
+        b.send(Message::binary(b"{\"type\":\"ping\"}".to_vec())),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        ending(&mut b).await,
+        End::Close(Some(close_code::BAD_FRAME))
+    );
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: b_id });
+    signal(&mut a, b_id, "gone?").await;
+    expect_error(&mut a, ErrorCode::UnknownPeer).await;
+    let _ = a_id;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_closes_only_that_connection() {
+    let server = server_with(Config {
+        limits: Limits {
+            max_frame_bytes: 64 * 1024,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let (mut a, a_id, share, mut b, b_id) = pair(server.addr).await;
+    let (mut c, c_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    // Just under the limit is fine, and relayed intact.
+    let big = "s".repeat(60 * 1024);
+    signal(&mut c, a_id, &big).await;
+    assert_eq!(
+        recv(&mut a).await,
+        ServerMsg::Signal {
+            from: c_id,
+            payload: big
+        }
+    );
+
+    // Over the limit: C's connection ends, and nothing of it is relayed.
+    let huge = json!({"type": "signal", "to": a_id, "payload": "x".repeat(100 * 1024)}).to_string();
+    // The server may reset the connection while the frame is still being written.
+    let _ = timeout(STEP, c.send(Message::text(huge)))
+        .await
+        .expect("send finishes in time");
+    let end = ending(&mut c).await;
+    assert!(
+        matches!(
+            end,
+            End::Close(Some(close_code::BAD_FRAME)) | End::Eof | End::Error(_)
+        ),
+        "unexpected end {end:?}"
+    );
+    assert_eq!(recv(&mut a).await, ServerMsg::PeerLeft { peer: c_id });
+
+    // The rest of the server is healthy.
+    assert_relays(&mut a, a_id, &mut b, b_id).await;
+    let (mut d, d_id) = connect(server.addr).await;
+    introduce(&mut a, a_id, &share, &mut d, d_id).await;
+    assert_relays(&mut a, a_id, &mut d, d_id).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_despite_queued_traffic() {
+    // A never reads while B floods it: the server's writes to A stall once the TCP buffers are
+    // full. A stalled write must not keep A's task (and so A's registration and share) alive.
+    let server = server_with(Config {
+        limits: Limits {
+            ping_interval_secs: 1,
+            idle_timeout_secs: 2,
+            inbox_capacity: 8,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let (a, a_id, share, mut b, _b_id) = pair(server.addr).await;
+    let started = Instant::now();
+    let big = "s".repeat(60 * 1024);
+    for _ in 0..200 {
+        signal(&mut b, a_id, &big).await;
+    }
+    let mut busy = 0;
+    loop {
+        match recv_within(&mut b, Duration::from_secs(6)).await {
+            Some(ServerMsg::Error {
+                code: ErrorCode::PeerBusy,
+                ..
+            }) => busy += 1,
+            // Signals sent after A was dropped.
+            Some(ServerMsg::Error {
+                code: ErrorCode::UnknownPeer,
+                ..
+            }) => {}
+            Some(ServerMsg::PeerLeft { peer }) if peer == a_id => break,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!(
+                "A still registered {:?} after the flood ({busy} busy replies)",
+                started.elapsed()
+            ),
+        }
+    }
+    assert!(
+        busy > 0,
+        "the flood never filled A's inbox: the test proves nothing"
+    );
+    signal(&mut b, a_id, "hello?").await;
+    expect_error(&mut b, ErrorCode::UnknownPeer).await;
+    let (mut e, _) = connect(server.addr).await;
+    send(&mut e, &ClientMsg::Join { share }).await;
+    expect_error(&mut e, ErrorCode::NoSuchShare).await;
+    drop(a);
+    stop(server).await;
+}
+
+/// A client speaking raw TCP: it never writes after the handshake, so reading from it never
+/// produces the automatic pong replies a WebSocket library would send.
+async fn open_silent(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let header_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = timeout(STEP, tcp.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "server closed during the handshake");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "handshake failed: {head}");
+    (tcp, buf.split_off(header_end))
+}
+
+/// Splits complete WebSocket frames (opcode, payload) off the front of `buf`.
+fn take_frames(buf: &mut Vec<u8>) -> Vec<(u8, Vec<u8>)> {
+    let mut frames = Vec::new();
+    loop {
+        if buf.len() < 2 {
+            return frames;
+        }
+        let opcode = buf[0] & 0x0f;
+        let masked = buf[1] & 0x80 != 0;
+        let (len, mut at) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+            127 if buf.len() >= 10 => (
+                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                10,
+            ),
+            126 | 127 => return frames,
+            n => (n as usize, 2),
+        };
+        let mask = if masked {
+            if buf.len() < at + 4 {
+                return frames;
+            }
+            at += 4;
+            Some([buf[at - 4], buf[at - 3], buf[at - 2], buf[at - 1]])
+        } else {
+            None
+        };
+        if buf.len() < at + len {
+            return frames;
+        }
+        let mut payload: Vec<u8> = buf.drain(..at + len).skip(at).collect();
+        if let Some(mask) = mask {
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= mask[i % 4];
+            }
+        }
+        frames.push((opcode, payload));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_live_ones_kept() {
+    // The server pings every second and closes after 2 s without any frame from the client.
+    // (An idle timeout equal to the ping interval would race a healthy client's pong.)
+    let server = server_with(Config {
+        limits: Limits {
+            ping_interval_secs: 1,
+            idle_timeout_secs: 2,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+
+    // The idle client: reads everything, answers nothing.
+    let idle = tokio::spawn(async move {
+        let (mut tcp, mut buf) = open_silent(addr).await;
+        let opened = Instant::now();
+        let mut frames = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            frames.extend(take_frames(&mut buf));
+            let n = match timeout(Duration::from_secs(8), tcp.read(&mut chunk)).await {
+                Err(_) => panic!("idle client still open after 8 s; frames: {frames:?}"),
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => 0,
+            };
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        (frames, opened.elapsed())
+    });
+
+    // The live client: its library answers every ping while it reads.
+    let (mut live, _) = connect(addr).await;
+    let watch_until = Instant::now() + Duration::from_millis(4500);
+    let mut pings = 0;
+    while let Ok(frame) = tokio::time::timeout_at(watch_until, live.next()).await {
+        match frame {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("live client got {other:?}"),
+        }
+    }
+    assert!(pings >= 3, "expected a ping a second, got {pings}");
+    send(&mut live, &ClientMsg::Ping).await;
+    assert_eq!(recv(&mut live).await, ServerMsg::Pong);
+
+    let (frames, closed_after) = timeout(STEP, idle).await.unwrap().unwrap();
+    let opcodes: Vec<u8> = frames.iter().map(|(op, _)| *op).collect();
+    assert_eq!(opcodes.first(), Some(&0x1), "Welcome first: {opcodes:?}");
+    assert!(opcodes.contains(&0x9), "the server pinged: {opcodes:?}");
+    let (op, payload) = frames.last().unwrap();
+    assert_eq!(*op, 0x8, "last frame is a close frame: {opcodes:?}");
+    assert_eq!(
+        u16::from_be_bytes([payload[0], payload[1]]),
+        close_code::IDLE_TIMEOUT
+    );
+    assert!(
+        closed_after >= Duration::from_millis(1900) && closed_after <= Duration::from_secs(4),
+        "idle connection closed after {closed_after:?}"
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_asks_every_client_to_reconnect() {
+    let server = server().await;
+    let addr = server.addr;
+    let (mut a, _a_id, _share, mut b, _b_id) = pair(addr).await;
+    let (mut c, _c_id) = connect(addr).await;
+
+    stop(server).await;
+    for (who, ws) in [("A", &mut a), ("B", &mut b), ("C", &mut c)] {
+        assert_eq!(
+            ending(ws).await,
+            End::Close(Some(close_code::RECONNECT)),
+            "{who}"
+        );
+    }
+    assert!(open(addr).await.is_err(), "the server still accepts");
+}
