@@ -4,6 +4,7 @@
 pub mod app;
 pub mod components;
 pub mod protocol;
+pub mod seal;
 pub mod transfer;
 
 #[cfg(feature = "hydrate")]

@@ -9,6 +9,7 @@ pub mod save;
 pub mod sender;
 pub mod signaling;
 
+use crate::seal::SealError;
 use crate::transfer::TransferError;
 use wasm_bindgen::{JsCast, JsValue};
 
@@ -23,6 +24,10 @@ pub enum ClientError {
     ChannelClosed,
     #[error(transparent)]
     Transfer(#[from] TransferError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("unreadable signaling payload: {0}")]
+    BadPayload(String),
 }
 
 impl From<JsValue> for ClientError {

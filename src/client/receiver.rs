@@ -2,13 +2,15 @@
 //! and for each requested file reassemble frames by offset, verify size and SHA-256, then save.
 
 use super::channel::{send_msg, Channel, ChannelEvent};
-use super::rtc::{LinkEvent, RtcLink};
+use super::rtc::{LinkEvent, Outbox, RtcLink};
 use super::signaling::{Incoming, Signaling};
-use super::{now_ms, save::save, ClientError};
+use super::{now_ms, save::save, window, ClientError};
 use crate::components::receive::{Phase, ReceiverUi};
 use crate::components::{FileRow, FileStatus};
-use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload};
+use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
+use crate::seal::{SealError, ShareKey};
 use crate::transfer::reassembly::{MemorySink, Reassembly};
+use crate::transfer::progress::Meter;
 use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg, TransferError};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
@@ -25,12 +27,15 @@ const PROGRESS_EVERY_MS: f64 = 100.0;
 struct Download {
     row: FileRow,
     reassembly: Reassembly<MemorySink>,
+    meter: Meter,
     last_progress: f64,
 }
 
 struct State {
     ui: ReceiverUi,
-    share: Option<ShareId>,
+    share: ShareId,
+    key: ShareKey,
+    me: Option<PeerId>,
     signaling: Option<Signaling>,
     ice_servers: Vec<IceServer>,
     sender: Option<PeerId>,
@@ -63,14 +68,35 @@ impl State {
 }
 
 pub struct ReceiverSession {
-    state: Rc<RefCell<State>>,
+    /// None when the link itself is unusable (the page shows why).
+    state: Option<Rc<RefCell<State>>>,
+}
+
+/// The share id from the path and the key from the `#secret` the server never saw.
+fn share_key(share: &str) -> Result<(ShareId, ShareKey), SealError> {
+    let share: ShareId = share.parse().map_err(|_| SealError::BadSecret)?;
+    let fragment = window()
+        .and_then(|w| Ok(w.location().hash()?))
+        .unwrap_or_default();
+    let key = ShareKey::derive(fragment.trim_start_matches('#'), &share)?;
+    Ok((share, key))
 }
 
 impl ReceiverSession {
     pub fn start(ui: ReceiverUi, share: String) -> Self {
+        let (share, key) = match share_key(&share) {
+            Ok(found) => found,
+            Err(e) => {
+                ui.phase.set(Phase::Failed("bad link".into()));
+                ui.error.set(Some(capitalized(&e.to_string())));
+                return Self { state: None };
+            }
+        };
         let state = Rc::new(RefCell::new(State {
             ui,
-            share: share.parse().ok(),
+            share,
+            key,
+            me: None,
             signaling: None,
             ice_servers: Vec::new(),
             sender: None,
@@ -83,14 +109,15 @@ impl ReceiverSession {
                 state.borrow_mut().signaling = Some(signaling);
                 spawn_local(run_signaling(Rc::downgrade(&state), incoming));
             }
-            Err(e) => ui.phase.set(Phase::Failed(e.to_string())),
+            Err(e) => ui.phase.set(Phase::ServerLost(e.to_string())),
         }
-        Self { state }
+        Self { state: Some(state) }
     }
 
     /// Asks the sender for one file.
     pub fn request(&self, file: FileId) {
-        let mut s = self.state.borrow_mut();
+        let Some(state) = &self.state else { return };
+        let mut s = state.borrow_mut();
         let Some(row) = s.row(file) else { return };
         let Some(dc) = s.channel.as_ref().map(|c| c.dc.clone()) else {
             return;
@@ -106,13 +133,15 @@ impl ReceiverSession {
             row.status.set(FileStatus::Failed(e.to_string()));
             return;
         }
-        row.done.set(0);
+        let mut meter = Meter::new(row.meta.size);
+        row.progress.set(meter.update(now_ms(), 0));
         row.status.set(FileStatus::Requested);
         s.downloads.insert(
             file,
             Download {
                 row,
                 reassembly,
+                meter,
                 last_progress: 0.0,
             },
         );
@@ -121,7 +150,8 @@ impl ReceiverSession {
 
 impl Drop for ReceiverSession {
     fn drop(&mut self) {
-        if let Ok(mut s) = self.state.try_borrow_mut() {
+        let Some(state) = &self.state else { return };
+        if let Ok(mut s) = state.try_borrow_mut() {
             s.channel = None;
             s.link = None;
             s.signaling = None;
@@ -140,7 +170,7 @@ async fn run_signaling(
             Err(e) => {
                 let mut s = state.borrow_mut();
                 if s.channel.is_none() {
-                    s.ui.phase.set(Phase::Failed(e.to_string()));
+                    s.ui.phase.set(Phase::ServerLost(e.to_string()));
                 }
                 // An open data channel keeps working without the server.
                 s.signaling = None;
@@ -148,15 +178,15 @@ async fn run_signaling(
             }
         };
         match msg {
-            ServerMsg::Welcome { ice_servers, .. } => {
+            ServerMsg::Welcome { you, ice_servers } => {
                 let mut s = state.borrow_mut();
                 s.ice_servers = ice_servers;
-                match (&s.signaling, s.share.clone()) {
-                    (Some(sig), Some(share)) => {
-                        sig.send(ClientMsg::Join { share });
-                        s.ui.phase.set(Phase::WaitingForSender);
-                    }
-                    _ => s.ui.error.set(Some("this share is not available".into())),
+                s.me = Some(you);
+                if let Some(sig) = &s.signaling {
+                    sig.send(ClientMsg::Join {
+                        share: s.share.clone(),
+                    });
+                    s.ui.phase.set(Phase::WaitingForSender);
                 }
             }
             ServerMsg::Joined { sender, .. } => {
@@ -168,13 +198,6 @@ async fn run_signaling(
                 if state.borrow().sender != Some(from) {
                     continue;
                 }
-                let payload = match serde_json::from_str::<SignalPayload>(&payload) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        leptos::logging::warn!("unreadable signal: {e}");
-                        continue;
-                    }
-                };
                 let link = match ensure_link(&state, from) {
                     Ok(link) => link,
                     Err(e) => {
@@ -182,8 +205,17 @@ async fn run_signaling(
                         continue;
                     }
                 };
-                if let Err(e) = link.apply(payload).await {
-                    state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
+                match link.apply(&payload).await {
+                    Ok(()) => {}
+                    Err(ClientError::Seal(_)) => {
+                        // Altered in transit or sealed with another key: refuse the connection.
+                        let mut s = state.borrow_mut();
+                        s.link = None;
+                        s.channel = None;
+                        s.ui.phase.set(Phase::Failed("bad link".into()));
+                        s.ui.error.set(Some(capitalized(&SealError::BadSecret.to_string())));
+                    }
+                    Err(e) => state.borrow().ui.phase.set(Phase::Failed(e.to_string())),
                 }
             }
             ServerMsg::PeerLeft { peer } => {
@@ -214,11 +246,16 @@ fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>
     }
     let (link, events) = {
         let s = state.borrow();
-        let signaling = s
-            .signaling
-            .clone()
-            .ok_or_else(|| ClientError::Signaling("not connected".into()))?;
-        RtcLink::new(sender, &s.ice_servers, signaling)?
+        let (Some(signaling), Some(me)) = (s.signaling.clone(), s.me) else {
+            return Err(ClientError::Signaling("not connected".into()));
+        };
+        let outbox = Outbox {
+            signaling,
+            key: s.key.clone(),
+            me,
+            remote: sender,
+        };
+        RtcLink::new(outbox, &s.ice_servers)?
     };
     let link = Rc::new(link);
     state.borrow_mut().link = Some(link.clone());
@@ -271,11 +308,11 @@ fn on_peer_msg(s: &mut State, msg: PeerMsg) {
     match msg {
         PeerMsg::Manifest { files } => update_list(s, files),
         PeerMsg::FileEnd { file, size, sha256 } => {
-            let Some(d) = s.downloads.remove(&file) else {
+            let Some(mut d) = s.downloads.remove(&file) else {
                 return;
             };
             d.row.status.set(FileStatus::Verifying);
-            d.row.done.set(d.reassembly.received());
+            d.row.progress.set(d.meter.update(now_ms(), d.reassembly.received()));
             match d.reassembly.finish(size, &sha256) {
                 Ok(sink) => match save(&d.row.meta.name, &d.row.meta.mime, &sink.into_bytes()) {
                     Ok(()) => d.row.status.set(FileStatus::Verified),
@@ -341,7 +378,7 @@ fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
             }
             if now - d.last_progress >= PROGRESS_EVERY_MS || d.reassembly.is_complete() {
                 d.last_progress = now;
-                d.row.done.set(d.reassembly.received());
+                d.row.progress.set(d.meter.update(now, d.reassembly.received()));
             }
         }
         Err(e) => {
@@ -349,5 +386,13 @@ fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
                 d.row.status.set(FileStatus::Failed(e.to_string()));
             }
         }
+    }
+}
+
+fn capitalized(message: &str) -> String {
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect::<String>() + ".",
+        None => String::new(),
     }
 }

@@ -1,9 +1,11 @@
 //! One RTCPeerConnection to one remote peer, signaled through the broker with trickle ICE.
-//! Candidates that arrive before the remote description are held and applied after it.
+//! Every payload is sealed with the share key (the broker sees only ciphertext); candidates that
+//! arrive before the remote description are held and applied after it.
 
 use super::signaling::Signaling;
 use super::ClientError;
-use crate::protocol::{IceServer, PeerId, SignalPayload};
+use crate::protocol::{ClientMsg, IceServer, PeerId, SignalPayload};
+use crate::seal::ShareKey;
 use futures::channel::mpsc::{unbounded, UnboundedReceiver};
 use gloo_events::EventListener;
 use std::cell::{Cell, RefCell};
@@ -22,10 +24,39 @@ pub enum LinkEvent {
     State(RtcPeerConnectionState),
 }
 
+/// Seals payloads for one direction (`me` → `remote`) and hands them to the broker.
+#[derive(Clone)]
+pub struct Outbox {
+    pub signaling: Signaling,
+    pub key: ShareKey,
+    pub me: PeerId,
+    pub remote: PeerId,
+}
+
+impl Outbox {
+    fn send(&self, payload: &SignalPayload) {
+        let sealed = serde_json::to_string(payload)
+            .map_err(|e| ClientError::BadPayload(e.to_string()))
+            .and_then(|plain| Ok(self.key.seal(self.me, self.remote, &plain)?));
+        match sealed {
+            Ok(payload) => self.signaling.send(ClientMsg::Signal {
+                to: self.remote,
+                payload,
+            }),
+            Err(e) => leptos::logging::warn!("cannot seal a signaling payload: {e}"),
+        }
+    }
+
+    /// Opens a payload the remote peer sealed for us.
+    fn open(&self, sealed: &str) -> Result<SignalPayload, ClientError> {
+        let plain = self.key.open(self.remote, self.me, sealed)?;
+        serde_json::from_str(&plain).map_err(|e| ClientError::BadPayload(e.to_string()))
+    }
+}
+
 pub struct RtcLink {
     pc: RtcPeerConnection,
-    remote: PeerId,
-    signaling: Signaling,
+    outbox: Outbox,
     has_remote_description: Cell<bool>,
     pending_candidates: RefCell<Vec<RtcIceCandidateInit>>,
     _listeners: [EventListener; 3],
@@ -33,9 +64,8 @@ pub struct RtcLink {
 
 impl RtcLink {
     pub fn new(
-        remote: PeerId,
+        outbox: Outbox,
         ice_servers: &[IceServer],
-        signaling: Signaling,
     ) -> Result<(Self, UnboundedReceiver<LinkEvent>), ClientError> {
         let config = RtcConfiguration::new();
         let servers = js_sys::Array::new();
@@ -56,7 +86,7 @@ impl RtcLink {
 
         let (events, rx) = unbounded();
         let on_candidate = {
-            let signaling = signaling.clone();
+            let outbox = outbox.clone();
             EventListener::new(&pc, "icecandidate", move |ev| {
                 let Some(candidate) = ev
                     .dyn_ref::<RtcPeerConnectionIceEvent>()
@@ -64,14 +94,11 @@ impl RtcLink {
                 else {
                     return; // end of candidates
                 };
-                signaling.signal(
-                    remote,
-                    &SignalPayload::Candidate {
-                        candidate: candidate.candidate(),
-                        sdp_mid: candidate.sdp_mid(),
-                        sdp_m_line_index: candidate.sdp_m_line_index(),
-                    },
-                );
+                outbox.send(&SignalPayload::Candidate {
+                    candidate: candidate.candidate(),
+                    sdp_mid: candidate.sdp_mid(),
+                    sdp_m_line_index: candidate.sdp_m_line_index(),
+                });
             })
         };
         let on_state = {
@@ -89,8 +116,7 @@ impl RtcLink {
         Ok((
             Self {
                 pc,
-                remote,
-                signaling,
+                outbox,
                 has_remote_description: Cell::new(false),
                 pending_candidates: RefCell::new(Vec::new()),
                 _listeners: [on_candidate, on_state, on_channel],
@@ -99,9 +125,6 @@ impl RtcLink {
         ))
     }
 
-    pub fn remote(&self) -> PeerId {
-        self.remote
-    }
 
     /// An ordered, reliable channel (sender side; create before the offer).
     pub fn create_channel(&self, label: &str) -> RtcDataChannel {
@@ -116,21 +139,20 @@ impl RtcLink {
         let offer = JsFuture::from(self.pc.create_offer()).await?;
         let sdp = sdp_of(&offer)?;
         self.set_local(RtcSdpType::Offer, &sdp).await?;
-        self.signaling
-            .signal(self.remote, &SignalPayload::Offer { sdp });
+        self.outbox.send(&SignalPayload::Offer { sdp });
         Ok(())
     }
 
-    /// Applies one payload from the remote peer (answering an offer).
-    pub async fn apply(&self, payload: SignalPayload) -> Result<(), ClientError> {
-        match payload {
+    /// Opens and applies one sealed payload from the remote peer (answering an offer). A payload
+    /// that fails authentication is an error and changes nothing.
+    pub async fn apply(&self, sealed: &str) -> Result<(), ClientError> {
+        match self.outbox.open(sealed)? {
             SignalPayload::Offer { sdp } => {
                 self.set_remote(RtcSdpType::Offer, &sdp).await?;
                 let answer = JsFuture::from(self.pc.create_answer()).await?;
                 let sdp = sdp_of(&answer)?;
                 self.set_local(RtcSdpType::Answer, &sdp).await?;
-                self.signaling
-                    .signal(self.remote, &SignalPayload::Answer { sdp });
+                self.outbox.send(&SignalPayload::Answer { sdp });
             }
             SignalPayload::Answer { sdp } => self.set_remote(RtcSdpType::Answer, &sdp).await?,
             SignalPayload::Candidate {

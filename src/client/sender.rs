@@ -2,34 +2,42 @@
 //! one data channel and one task that answers its requests, streaming files with backpressure.
 
 use super::channel::{send_msg, Backpressure, Channel, ChannelEvent};
-use super::rtc::{LinkEvent, RtcLink};
+use super::rtc::{LinkEvent, Outbox, RtcLink};
 use super::signaling::Signaling;
-use super::{js_message, random_hex, window, ClientError};
-use crate::components::send::SenderUi;
+use super::{js_message, now_ms, random_hex, window, ClientError};
+use crate::components::send::{ReceiverRow, SenderUi};
 use crate::components::FileRow;
-use crate::protocol::{ClientMsg, IceServer, PeerId, ServerMsg, SignalPayload};
+use crate::protocol::{ClientMsg, IceServer, PeerId, ServerMsg};
+use crate::seal::{ShareKey, SECRET_BYTES};
+use crate::transfer::progress::Meter;
 use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::StreamExt;
 use leptos::prelude::*;
 use sha2::{Digest, Sha256};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use wasm_bindgen_futures::{spawn_local, JsFuture};
 use web_sys::RtcPeerConnectionState;
+
+/// Progress on the sender's page is refreshed at most this often (ms).
+const PROGRESS_EVERY_MS: f64 = 200.0;
 
 /// A file offered in this share. Its SHA-256 is computed during the first send and cached.
 struct SharedFile {
     meta: FileMeta,
     file: web_sys::File,
     sha256: RefCell<Option<String>>,
+    /// Set when the sender removes it: sends in progress stop.
+    removed: Cell<bool>,
 }
 
 /// One receiver: its connection and channel (the listeners live as long as this does).
 struct Receiver {
     link: Rc<RtcLink>,
     channel: Channel,
+    row: ReceiverRow,
     open: bool,
 }
 
@@ -37,9 +45,12 @@ struct State {
     ui: SenderUi,
     signaling: Option<Signaling>,
     ice_servers: Vec<IceServer>,
+    me: Option<PeerId>,
     secret: String,
+    key: Option<ShareKey>,
     files: Vec<Rc<SharedFile>>,
     next_file: u32,
+    next_receiver: u32,
     receivers: HashMap<PeerId, Receiver>,
 }
 
@@ -70,6 +81,13 @@ impl State {
             .peers
             .set(self.receivers.values().filter(|r| r.open).count());
     }
+
+    fn drop_receiver(&mut self, peer: PeerId) {
+        if self.receivers.remove(&peer).is_some() {
+            self.ui.receivers.update(|rows| rows.retain(|r| r.peer != peer));
+            self.update_peer_count();
+        }
+    }
 }
 
 /// Owned by the page; dropping it closes every connection.
@@ -79,14 +97,23 @@ pub struct SenderSession {
 
 impl SenderSession {
     pub fn start(ui: SenderUi) -> Self {
-        let secret = random_hex(16).unwrap_or_default();
+        let secret = match random_hex(SECRET_BYTES) {
+            Ok(secret) => secret,
+            Err(e) => {
+                ui.error.set(Some(format!("no secure random numbers here: {e}")));
+                String::new()
+            }
+        };
         let state = Rc::new(RefCell::new(State {
             ui,
             signaling: None,
             ice_servers: Vec::new(),
+            me: None,
             secret,
+            key: None,
             files: Vec::new(),
             next_file: 0,
+            next_receiver: 1,
             receivers: HashMap::new(),
         }));
         match Signaling::connect() {
@@ -120,9 +147,26 @@ impl SenderSession {
                 meta,
                 file,
                 sha256: RefCell::new(None),
+                removed: Cell::new(false),
             }));
         }
         state.ui.files.update(|files| files.extend(rows));
+        state.broadcast_manifest();
+    }
+}
+
+impl SenderSession {
+    /// Stops offering a file; receivers see it disappear and transfers of it stop.
+    pub fn remove_file(&self, file: FileId) {
+        let mut state = self.state.borrow_mut();
+        state.files.retain(|f| {
+            let keep = f.meta.id != file;
+            if !keep {
+                f.removed.set(true);
+            }
+            keep
+        });
+        state.ui.files.update(|rows| rows.retain(|r| r.id() != file));
         state.broadcast_manifest();
     }
 }
@@ -150,15 +194,23 @@ async fn run_signaling(
             }
         };
         match msg {
-            ServerMsg::Welcome { ice_servers, .. } => {
+            ServerMsg::Welcome { you, ice_servers } => {
                 let mut s = state.borrow_mut();
+                s.me = Some(you);
                 s.ice_servers = ice_servers;
                 if let Some(sig) = &s.signaling {
                     sig.send(ClientMsg::CreateShare);
                 }
             }
             ServerMsg::ShareCreated { share } => {
-                let s = state.borrow();
+                let mut s = state.borrow_mut();
+                match ShareKey::derive(&s.secret, &share) {
+                    Ok(key) => s.key = Some(key),
+                    Err(e) => {
+                        s.ui.error.set(Some(e.to_string()));
+                        continue;
+                    }
+                }
                 match window().and_then(|w| Ok(w.location().origin()?)) {
                     Ok(origin) => {
                         s.ui.link
@@ -175,20 +227,13 @@ async fn run_signaling(
             ServerMsg::Signal { from, payload } => {
                 let link = state.borrow().receivers.get(&from).map(|r| r.link.clone());
                 let Some(link) = link else { continue };
-                match serde_json::from_str::<SignalPayload>(&payload) {
-                    Ok(payload) => {
-                        if let Err(e) = link.apply(payload).await {
-                            leptos::logging::warn!("signal from {from}: {e}");
-                        }
-                    }
-                    Err(e) => leptos::logging::warn!("unreadable signal from {from}: {e}"),
+                if let Err(e) = link.apply(&payload).await {
+                    // Altered in transit or sealed with another key: no connection to that peer.
+                    leptos::logging::warn!("signal from {from} refused: {e}");
+                    state.borrow_mut().drop_receiver(from);
                 }
             }
-            ServerMsg::PeerLeft { peer } => {
-                let mut s = state.borrow_mut();
-                s.receivers.remove(&peer);
-                s.update_peer_count();
-            }
+            ServerMsg::PeerLeft { peer } => state.borrow_mut().drop_receiver(peer),
             ServerMsg::Error { code, message } => {
                 leptos::logging::warn!("server error {code:?}: {message}");
             }
@@ -201,24 +246,38 @@ async fn run_signaling(
 async fn connect_receiver(state: &Rc<RefCell<State>>, peer: PeerId) -> Result<(), ClientError> {
     let (link, link_events) = {
         let s = state.borrow();
-        let signaling = s
-            .signaling
-            .clone()
-            .ok_or_else(|| ClientError::Signaling("not connected".into()))?;
-        RtcLink::new(peer, &s.ice_servers, signaling)?
+        let (Some(signaling), Some(key), Some(me)) = (s.signaling.clone(), s.key.clone(), s.me)
+        else {
+            return Err(ClientError::Signaling("not connected".into()));
+        };
+        let outbox = Outbox {
+            signaling,
+            key,
+            me,
+            remote: peer,
+        };
+        RtcLink::new(outbox, &s.ice_servers)?
     };
     let flow = FlowControl::DEFAULT;
     let dc = link.create_channel("files");
     let (channel, events, backpressure) = Channel::new(dc, flow.low_water, flow.high_water);
     let link = Rc::new(link);
-    state.borrow_mut().receivers.insert(
-        peer,
-        Receiver {
-            link: link.clone(),
-            channel,
-            open: false,
-        },
-    );
+    {
+        let mut s = state.borrow_mut();
+        let n = s.next_receiver;
+        s.next_receiver += 1;
+        let row = ReceiverRow::new(peer, format!("Receiver {n}"));
+        s.ui.receivers.update(|rows| rows.push(row.clone()));
+        s.receivers.insert(
+            peer,
+            Receiver {
+                link: link.clone(),
+                channel,
+                row,
+                open: false,
+            },
+        );
+    }
     spawn_local(watch_link(Rc::downgrade(state), peer, link_events));
     spawn_local(serve_receiver(
         Rc::downgrade(state),
@@ -240,9 +299,7 @@ async fn watch_link(
             event
         {
             if let Some(state) = state.upgrade() {
-                let mut s = state.borrow_mut();
-                s.receivers.remove(&peer);
-                s.update_peer_count();
+                state.borrow_mut().drop_receiver(peer);
             }
             return;
         }
@@ -263,22 +320,24 @@ async fn serve_receiver(
                 let mut s = st.borrow_mut();
                 if let Some(r) = s.receivers.get_mut(&peer) {
                     r.open = true;
+                    r.row.state.set("connected".into());
                 }
                 s.update_peer_count();
                 let _ = send_msg(backpressure.channel(), &s.manifest());
             }
             ChannelEvent::Text(text) => match serde_json::from_str::<PeerMsg>(&text) {
                 Ok(PeerMsg::Request { file }) => {
-                    let (shared, max_message) = {
+                    let (shared, receiver) = {
                         let s = st.borrow();
                         let shared = s.files.iter().find(|f| f.meta.id == file).cloned();
-                        let max = s
+                        let receiver = s
                             .receivers
                             .get(&peer)
-                            .and_then(|r| r.link.max_message_size());
-                        (shared, max)
+                            .map(|r| (r.row.clone(), r.link.max_message_size()));
+                        (shared, receiver)
                     };
                     drop(st);
+                    let Some((row, max_message)) = receiver else { return };
                     let Some(shared) = shared else {
                         let msg = PeerMsg::FileError {
                             file,
@@ -288,7 +347,10 @@ async fn serve_receiver(
                         continue;
                     };
                     let flow = FlowControl::DEFAULT.fitted_to(max_message);
-                    match send_file(&mut backpressure, &shared, flow).await {
+                    row.state.set(format!("sending {}", shared.meta.name));
+                    let sent = send_file(&mut backpressure, &shared, flow, &row).await;
+                    row.state.set("connected".into());
+                    match sent {
                         Ok(()) => {}
                         Err(ClientError::ChannelClosed) => return,
                         Err(e) => {
@@ -305,9 +367,7 @@ async fn serve_receiver(
             },
             ChannelEvent::Binary(_) => {}
             ChannelEvent::Closed => {
-                let mut s = st.borrow_mut();
-                s.receivers.remove(&peer);
-                s.update_peer_count();
+                st.borrow_mut().drop_receiver(peer);
                 return;
             }
         }
@@ -319,13 +379,25 @@ async fn send_file(
     out: &mut Backpressure,
     shared: &SharedFile,
     flow: FlowControl,
+    row: &ReceiverRow,
 ) -> Result<(), ClientError> {
     let size = shared.meta.size;
+    let mut meter = Meter::new(size);
+    let mut last_progress = now_ms();
+    row.progress.set(meter.update(last_progress, 0));
     let known = shared.sha256.borrow().clone();
     let mut hasher = known.is_none().then(Sha256::new);
     let mut frame_buf = Vec::with_capacity(frame::HEADER_LEN + flow.chunk_size);
     let mut offset = 0u64;
     while offset < size {
+        if shared.removed.get() {
+            return Err(ClientError::Js("removed by the sender".into()));
+        }
+        let now = now_ms();
+        if now - last_progress >= PROGRESS_EVERY_MS {
+            last_progress = now;
+            row.progress.set(meter.update(now, offset));
+        }
         let end = (offset + flow.read_block as u64).min(size);
         let block = read_range(&shared.file, offset, end).await?;
         if let Some(h) = hasher.as_mut() {
@@ -349,6 +421,7 @@ async fn send_file(
         }
         None => known.unwrap_or_default(),
     };
+    row.progress.set(meter.update(now_ms(), size));
     send_msg(
         out.channel(),
         &PeerMsg::FileEnd {

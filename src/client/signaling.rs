@@ -2,7 +2,7 @@
 //! [`ServerMsg`]s. The socket closes when both the handle clones and the stream are dropped.
 
 use super::{window, ClientError};
-use crate::protocol::{ClientMsg, PeerId, ServerMsg, SignalPayload};
+use crate::protocol::{ClientMsg, ServerMsg};
 use futures::channel::mpsc::{unbounded, UnboundedSender};
 use futures::{SinkExt, Stream, StreamExt};
 use gloo_net::websocket::{futures::WebSocket, Message};
@@ -57,11 +57,5 @@ impl Signaling {
     pub fn send(&self, msg: ClientMsg) {
         // Fails only once the socket task ended; the stream reports that.
         let _ = self.out.unbounded_send(msg);
-    }
-
-    pub fn signal(&self, to: PeerId, payload: &SignalPayload) {
-        if let Ok(payload) = serde_json::to_string(payload) {
-            self.send(ClientMsg::Signal { to, payload });
-        }
     }
 }

@@ -3,6 +3,7 @@
 pub mod receive;
 pub mod send;
 
+use crate::transfer::progress::{human_duration, Progress};
 use crate::transfer::{FileId, FileMeta};
 use leptos::prelude::*;
 use std::fmt;
@@ -35,15 +36,19 @@ impl fmt::Display for FileStatus {
 #[derive(Clone, Debug)]
 pub struct FileRow {
     pub meta: FileMeta,
-    pub done: ArcRwSignal<u64>,
+    pub progress: ArcRwSignal<Progress>,
     pub status: ArcRwSignal<FileStatus>,
 }
 
 impl FileRow {
     pub fn new(meta: FileMeta) -> Self {
+        let progress = Progress {
+            total: meta.size,
+            ..Progress::default()
+        };
         Self {
             meta,
-            done: ArcRwSignal::new(0),
+            progress: ArcRwSignal::new(progress),
             status: ArcRwSignal::new(FileStatus::Ready),
         }
     }
@@ -77,6 +82,28 @@ pub fn human_size(bytes: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// "12.0 MiB of 48.0 MiB · 15.3 MB/s · 3 s left".
+pub fn progress_text(p: &Progress) -> String {
+    let mut text = format!("{} of {}", human_size(p.done), human_size(p.total));
+    if p.speed > 0.0 && p.done < p.total {
+        text += &format!(" · {:.1} MB/s", p.speed / 1e6);
+        if let Some(eta) = p.eta_secs() {
+            text += &format!(" · {} left", human_duration(eta));
+        }
+    }
+    text
+}
+
+/// A progress bar with its text, for one file or one receiver.
+#[component]
+pub fn ProgressLine(progress: ArcRwSignal<Progress>) -> impl IntoView {
+    let bar = progress.clone();
+    view! {
+        <progress max="1" value=move || bar.get().fraction()></progress>
+        <span class="progress-text">{move || progress_text(&progress.get())}</span>
+    }
+}
+
 /// `true` once this page runs in the browser (effects never run during SSR). Rendered as
 /// `data-hydrated` so tests and styles can tell a live page from server-rendered HTML.
 pub fn hydrated() -> ReadSignal<bool> {
@@ -106,6 +133,18 @@ mod tests {
         assert_eq!(human_size(1024), "1.0 KiB");
         assert_eq!(human_size(48 * 1024 * 1024), "48.0 MiB");
         assert_eq!(human_size(1536 * 1024 * 1024), "1.5 GiB");
+    }
+
+    #[test]
+    fn progress_reads_with_speed_and_time_left() {
+        let p = Progress {
+            done: 12 * 1024 * 1024,
+            total: 48 * 1024 * 1024,
+            speed: 15_300_000.0,
+        };
+        assert_eq!(progress_text(&p), "12.0 MiB of 48.0 MiB · 15.3 MB/s · 2 s left");
+        let done = Progress { done: 5, total: 5, speed: 1.0 };
+        assert_eq!(progress_text(&done), "5 B of 5 B");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The receiver's page `/s/<share>#<secret>`: server-rendered availability, then a live file list.
 
-use super::{human_size, hydrated, ErrorBanner, FileRow, FileStatus};
+use super::{human_size, hydrated, progress_text, ErrorBanner, FileRow, FileStatus, ProgressLine};
+use crate::transfer::progress::Progress;
 use crate::transfer::FileId;
 use leptos::prelude::*;
 use leptos_router::hooks::use_params_map;
@@ -14,7 +15,22 @@ pub enum Phase {
     ConnectingPeer,
     Connected,
     SenderGone,
+    /// ICE failed: no network path between the two browsers.
+    Unreachable,
+    /// The signaling socket could not be opened or dropped before the peers connected.
+    ServerLost(String),
+    /// Nothing a retry fixes: a bad link, a share that is gone.
     Failed(String),
+}
+
+impl Phase {
+    /// Failures a fresh attempt may fix.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Phase::SenderGone | Phase::Unreachable | Phase::ServerLost(_)
+        )
+    }
 }
 
 impl fmt::Display for Phase {
@@ -25,6 +41,10 @@ impl fmt::Display for Phase {
             Phase::ConnectingPeer => f.write_str("Connecting to the sender…"),
             Phase::Connected => f.write_str("Connected to the sender"),
             Phase::SenderGone => f.write_str("The sender went away"),
+            Phase::Unreachable => f.write_str(
+                "Could not connect to the sender (ICE failed): the two devices cannot reach each other",
+            ),
+            Phase::ServerLost(why) => write!(f, "Lost the connection to the server: {why}"),
             Phase::Failed(why) => write!(f, "Connection failed: {why}"),
         }
     }
@@ -115,16 +135,62 @@ fn Receiver(share: String) -> impl IntoView {
     };
     let connected = move || ui.phase.get() == Phase::Connected;
     let hydrated = hydrated();
+    let download_all = move |_| {
+        let ready: Vec<FileId> = ui.files.with_untracked(|rows| {
+            rows.iter()
+                .filter(|r| {
+                    matches!(
+                        r.status.get_untracked(),
+                        FileStatus::Ready | FileStatus::Failed(_)
+                    )
+                })
+                .map(FileRow::id)
+                .collect()
+        });
+        for file in ready {
+            request(file);
+        }
+    };
+    let retry = move |_| {
+        if let Some(window) = leptos::web_sys::window() {
+            let _ = window.location().reload();
+        }
+    };
+    let total = move || {
+        ui.files.with(|rows| {
+            rows.iter().fold(Progress::default(), |acc, r| {
+                let p = r.progress.get();
+                Progress {
+                    done: acc.done + p.done,
+                    total: acc.total + r.meta.size,
+                    speed: acc.speed + p.speed,
+                }
+            })
+        })
+    };
 
     view! {
-        <p class="phase" data-testid="status" data-hydrated=move || hydrated.get().to_string()>{move || ui.phase.get().to_string()}</p>
+        <p class="phase" data-testid="status" data-hydrated=move || hydrated.get().to_string()>
+            {move || ui.phase.get().to_string()}
+        </p>
+        <Show when=move || ui.phase.get().retryable()>
+            <button data-testid="retry" on:click=retry>"Try again"</button>
+        </Show>
         <ErrorBanner error=ui.error/>
+        <Show when=move || !ui.files.with(Vec::is_empty)>
+            <div class="summary">
+                <span data-testid="total-progress">
+                    {move || format!("All files: {}", progress_text(&total()))}
+                </span>
+                <button data-testid="download-all" disabled=move || !connected() on:click=download_all>
+                    "Download all"
+                </button>
+            </div>
+        </Show>
         <ul class="files">
             <For each=move || ui.files.get() key=FileRow::id let:row>
                 {
                     let id = row.id();
-                    let size = row.meta.size;
-                    let done = row.done.clone();
                     let status = row.status.clone();
                     let status_text = status.clone();
                     let busy = move || {
@@ -136,8 +202,8 @@ fn Receiver(share: String) -> impl IntoView {
                     view! {
                         <li class="file" data-testid="file-item">
                             <span class="name">{row.display_name()}</span>
-                            <span class="size">{human_size(size)}</span>
-                            <progress max=size.max(1) value=move || done.get()></progress>
+                            <span class="size">{human_size(row.meta.size)}</span>
+                            <ProgressLine progress=row.progress.clone()/>
                             <span class="status" data-testid="file-status">
                                 {move || status_text.get().to_string()}
                             </span>

@@ -1,14 +1,39 @@
 //! The sender's page: drop files, get a link, keep the tab open while receivers download.
 
-use super::{human_size, hydrated, ErrorBanner, FileRow};
+use super::{human_size, hydrated, ErrorBanner, FileRow, ProgressLine};
+use crate::protocol::PeerId;
+use crate::transfer::progress::Progress;
+use crate::transfer::FileId;
 use leptos::prelude::*;
 use leptos::web_sys::{self, FileList, HtmlInputElement};
+
+/// One connected receiver as the sender sees it.
+#[derive(Clone, Debug)]
+pub struct ReceiverRow {
+    pub peer: PeerId,
+    pub label: String,
+    /// "connecting", "connected", "sending <file>".
+    pub state: ArcRwSignal<String>,
+    pub progress: ArcRwSignal<Progress>,
+}
+
+impl ReceiverRow {
+    pub fn new(peer: PeerId, label: String) -> Self {
+        Self {
+            peer,
+            label,
+            state: ArcRwSignal::new("connecting".into()),
+            progress: ArcRwSignal::new(Progress::default()),
+        }
+    }
+}
 
 /// What the sender's page shows; written by the client session, read by the view.
 #[derive(Clone, Copy)]
 pub struct SenderUi {
     pub link: RwSignal<Option<String>>,
     pub files: RwSignal<Vec<FileRow>>,
+    pub receivers: RwSignal<Vec<ReceiverRow>>,
     /// Receivers with an open data channel.
     pub peers: RwSignal<usize>,
     pub error: RwSignal<Option<String>>,
@@ -19,16 +44,31 @@ impl SenderUi {
         Self {
             link: RwSignal::new(None),
             files: RwSignal::new(Vec::new()),
+            receivers: RwSignal::new(Vec::new()),
             peers: RwSignal::new(0),
             error: RwSignal::new(None),
         }
     }
 }
 
+/// The link as a QR code (SVG markup), for a phone in the same room.
+fn qr_svg(link: &str) -> Option<String> {
+    use qrcode::render::svg;
+    let code = qrcode::QrCode::new(link.as_bytes()).ok()?;
+    Some(
+        code.render::<svg::Color>()
+            .min_dimensions(176, 176)
+            .dark_color(svg::Color("#000000"))
+            .light_color(svg::Color("#ffffff"))
+            .build(),
+    )
+}
+
 #[component]
 pub fn SendPage() -> impl IntoView {
     let ui = SenderUi::new();
     let dragging = RwSignal::new(false);
+    let copied = RwSignal::new(false);
     let hydrated = hydrated();
 
     // The session lives in the browser only: started after hydration, dropped with the page.
@@ -51,6 +91,23 @@ pub fn SendPage() -> impl IntoView {
         });
         #[cfg(not(feature = "hydrate"))]
         let _ = list;
+    };
+    let remove_file = move |file: FileId| {
+        #[cfg(feature = "hydrate")]
+        session.with_value(|s| {
+            if let Some(s) = s {
+                s.remove_file(file);
+            }
+        });
+        #[cfg(not(feature = "hydrate"))]
+        let _ = file;
+    };
+    let copy_link = move |_| {
+        let Some(link) = ui.link.get_untracked() else { return };
+        if let Some(window) = web_sys::window() {
+            let _ = window.navigator().clipboard().write_text(&link);
+            copied.set(true);
+        }
     };
 
     let on_change = move |ev: web_sys::Event| {
@@ -84,7 +141,7 @@ pub fn SendPage() -> impl IntoView {
                 on:drop=on_drop
             >
                 <span class="drop-title">"Drop files here"</span>
-                <span class="drop-sub">"or click to choose. They never touch our server."</span>
+                <span class="drop-sub">"or click to choose. They go straight to the receiver, never through our server."</span>
                 <input type="file" multiple data-testid="file-input" on:change=on_change/>
             </label>
             <ErrorBanner error=ui.error/>
@@ -93,28 +150,65 @@ pub fn SendPage() -> impl IntoView {
                     .get()
                     .filter(|_| !ui.files.with(Vec::is_empty))
                     .map(|link| {
+                        let qr = qr_svg(&link).unwrap_or_default();
                         view! {
                             <div class="share">
-                                <p>"Share this link. Keep this tab open while they download."</p>
-                                <a class="share-link" data-testid="share-link" href=link.clone() target="_blank">
-                                    {link.clone()}
-                                </a>
-                                <p class="peers">
-                                    "Receivers connected: "
-                                    <strong data-testid="peer-count">{move || ui.peers.get()}</strong>
-                                </p>
+                                <div class="share-text">
+                                    <p>"Share this link. Keep this tab open while they download."</p>
+                                    <a class="share-link" data-testid="share-link" href=link.clone() target="_blank">
+                                        {link.clone()}
+                                    </a>
+                                    <button class="secondary" data-testid="copy-link" on:click=copy_link>
+                                        {move || if copied.get() { "Copied" } else { "Copy link" }}
+                                    </button>
+                                    <p class="peers">
+                                        "Receivers connected: "
+                                        <strong data-testid="peer-count">{move || ui.peers.get()}</strong>
+                                    </p>
+                                </div>
+                                <div class="qr" data-testid="qr" aria-label="QR code of the share link" inner_html=qr></div>
                             </div>
                         }
                     })
             }}
             <ul class="files">
                 <For each=move || ui.files.get() key=FileRow::id let:row>
-                    <li class="file" data-testid="file-item">
-                        <span class="name">{row.display_name()}</span>
-                        <span class="size">{human_size(row.meta.size)}</span>
-                    </li>
+                    {
+                        let id = row.id();
+                        view! {
+                            <li class="file" data-testid="file-item">
+                                <span class="name">{row.display_name()}</span>
+                                <span class="size">{human_size(row.meta.size)}</span>
+                                <button
+                                    class="secondary"
+                                    data-testid="remove"
+                                    aria-label=format!("Remove {}", row.display_name())
+                                    on:click=move |_| remove_file(id)
+                                >
+                                    "Remove"
+                                </button>
+                            </li>
+                        }
+                    }
                 </For>
             </ul>
+            <Show when=move || !ui.receivers.with(Vec::is_empty)>
+                <h2>"Receivers"</h2>
+                <ul class="receivers">
+                    <For each=move || ui.receivers.get() key=|r| r.peer let:r>
+                        {
+                            let state = r.state.clone();
+                            view! {
+                                <li class="receiver" data-testid="receiver">
+                                    <span class="name">{r.label.clone()}</span>
+                                    <span class="status">{move || state.get()}</span>
+                                    <ProgressLine progress=r.progress.clone()/>
+                                </li>
+                            }
+                        }
+                    </For>
+                </ul>
+            </Show>
         </section>
     }
 }

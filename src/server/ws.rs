@@ -128,7 +128,7 @@ async fn run(socket: WebSocket, state: AppState) {
                 }
             }
             _ = &mut stopping => {
-                break Exit::Close(close_code::RECONNECT, "server restarting, reconnect");
+                break Exit::Close(close_code::IDLE_TIMEOUT, "server restarting, reconnect");
             }
         }
     };
@@ -229,7 +229,7 @@ impl Session {
                 }
             }
             ClientMsg::Signal { to, payload } => {
-                if false {
+                if !self.introduced.contains(&to) {
                     return Some(unknown_peer(to));
                 }
                 let msg = ServerMsg::Signal {

@@ -5,6 +5,7 @@
 //! - [`reassembly`]: the receiver writes by offset, tracks coverage, and verifies size and SHA-256.
 
 pub mod frame;
+pub mod progress;
 pub mod reassembly;
 
 use serde::{Deserialize, Serialize};
