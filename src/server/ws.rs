@@ -128,7 +128,7 @@ async fn run(socket: WebSocket, state: AppState) {
                 }
             }
             _ = &mut stopping => {
-                break Exit::Close(close_code::IDLE_TIMEOUT, "server restarting, reconnect");
+                break Exit::Close(close_code::RECONNECT, "server restarting, reconnect");
             }
         }
     };
