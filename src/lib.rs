@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! beamdrop: one crate, two targets. With `ssr` it is the server (signaling broker + SSR pages);
 //! with `hydrate` it is the WASM client that moves files over WebRTC DataChannels.
 

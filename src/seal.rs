@@ -56,7 +56,8 @@ impl ShareKey {
         }
         let hk = Hkdf::<Sha256>::new(Some(share.as_str().as_bytes()), &secret);
         let mut key = [0u8; 32];
-        hk.expand(INFO, &mut key).map_err(|e| SealError::Seal(e.to_string()))?;
+        hk.expand(INFO, &mut key)
+            .map_err(|e| SealError::Seal(e.to_string()))?;
         let cipher = Aes256Gcm::new_from_slice(&key).map_err(|e| SealError::Seal(e.to_string()))?;
         Ok(Self { cipher })
     }
@@ -67,7 +68,13 @@ impl ShareKey {
         let aad = aad(from, to);
         let ciphertext = self
             .cipher
-            .encrypt(&nonce, Payload { msg: plaintext.as_bytes(), aad: aad.as_bytes() })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|e| SealError::Seal(e.to_string()))?;
         let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
         out.extend_from_slice(&nonce);
@@ -78,7 +85,9 @@ impl ShareKey {
     /// Opens a payload sealed by [`ShareKey::seal`] for `from` → `to`.
     pub fn open(&self, from: PeerId, to: PeerId, sealed: &str) -> Result<String, SealError> {
         let body = sealed.strip_prefix(PREFIX).ok_or(SealError::Rejected)?;
-        let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| SealError::Rejected)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| SealError::Rejected)?;
         if bytes.len() < NONCE_LEN {
             return Err(SealError::Rejected);
         }
@@ -86,7 +95,13 @@ impl ShareKey {
         let aad = aad(from, to);
         let plain = self
             .cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ciphertext, aad: aad.as_bytes() })
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| SealError::Rejected)?;
         String::from_utf8(plain).map_err(|_| SealError::Rejected)
     }
@@ -153,8 +168,14 @@ mod tests {
 
     #[test]
     fn short_or_malformed_secrets_are_bad_links() {
-        assert_eq!(ShareKey::derive("", &share()).unwrap_err(), SealError::BadSecret);
-        assert_eq!(ShareKey::derive("00112233", &share()).unwrap_err(), SealError::BadSecret);
+        assert_eq!(
+            ShareKey::derive("", &share()).unwrap_err(),
+            SealError::BadSecret
+        );
+        assert_eq!(
+            ShareKey::derive("00112233", &share()).unwrap_err(),
+            SealError::BadSecret
+        );
         assert_eq!(
             ShareKey::derive("zz112233445566778899aabbccddeeff", &share()).unwrap_err(),
             SealError::BadSecret

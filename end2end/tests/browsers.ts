@@ -58,3 +58,28 @@ export function randomFile(dir: string, name: string, size: number): string {
 export function sha256(file: string): string {
   return createHash('sha256').update(readFileSync(file)).digest('hex');
 }
+
+/** Resident memory (MiB) of every process of one browser instance, from /proc via CDP's pids. */
+export async function browserRssMiB(browser: Browser): Promise<number> {
+  const session = await browser.newBrowserCDPSession();
+  const info = (await session.send('SystemInfo.getProcessInfo')) as { processInfo: { id: number }[] };
+  await session.detach();
+  let kib = 0;
+  for (const { id } of info.processInfo) {
+    try {
+      const status = readFileSync(`/proc/${id}/status`, 'utf8');
+      const m = status.match(/^VmRSS:\s+(\d+) kB/m);
+      if (m) kib += Number(m[1]);
+    } catch {
+      // the process ended meanwhile
+    }
+  }
+  return kib / 1024;
+}
+
+/** Share link from a sender page that has files. */
+export async function shareLink(sender: Page): Promise<string> {
+  const link = sender.getByTestId('share-link');
+  await link.waitFor();
+  return (await link.getAttribute('href'))!;
+}

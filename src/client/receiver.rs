@@ -9,8 +9,8 @@ use crate::components::receive::{Phase, ReceiverUi};
 use crate::components::{FileRow, FileStatus};
 use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
 use crate::seal::{SealError, ShareKey};
-use crate::transfer::reassembly::{MemorySink, Reassembly};
 use crate::transfer::progress::Meter;
+use crate::transfer::reassembly::{MemorySink, Reassembly};
 use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg, TransferError};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
@@ -213,7 +213,8 @@ async fn run_signaling(
                         s.link = None;
                         s.channel = None;
                         s.ui.phase.set(Phase::Failed("bad link".into()));
-                        s.ui.error.set(Some(capitalized(&SealError::BadSecret.to_string())));
+                        s.ui.error
+                            .set(Some(capitalized(&SealError::BadSecret.to_string())));
                     }
                     Err(e) => state.borrow().ui.phase.set(Phase::Failed(e.to_string())),
                 }
@@ -312,7 +313,9 @@ fn on_peer_msg(s: &mut State, msg: PeerMsg) {
                 return;
             };
             d.row.status.set(FileStatus::Verifying);
-            d.row.progress.set(d.meter.update(now_ms(), d.reassembly.received()));
+            d.row
+                .progress
+                .set(d.meter.update(now_ms(), d.reassembly.received()));
             match d.reassembly.finish(size, &sha256) {
                 Ok(sink) => match save(&d.row.meta.name, &d.row.meta.mime, &sink.into_bytes()) {
                     Ok(()) => d.row.status.set(FileStatus::Verified),
@@ -378,7 +381,9 @@ fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
             }
             if now - d.last_progress >= PROGRESS_EVERY_MS || d.reassembly.is_complete() {
                 d.last_progress = now;
-                d.row.progress.set(d.meter.update(now, d.reassembly.received()));
+                d.row
+                    .progress
+                    .set(d.meter.update(now, d.reassembly.received()));
             }
         }
         Err(e) => {

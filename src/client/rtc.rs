@@ -125,7 +125,6 @@ impl RtcLink {
         ))
     }
 
-
     /// An ordered, reliable channel (sender side; create before the offer).
     pub fn create_channel(&self, label: &str) -> RtcDataChannel {
         let init = RtcDataChannelInit::new();

@@ -84,7 +84,9 @@ impl State {
 
     fn drop_receiver(&mut self, peer: PeerId) {
         if self.receivers.remove(&peer).is_some() {
-            self.ui.receivers.update(|rows| rows.retain(|r| r.peer != peer));
+            self.ui
+                .receivers
+                .update(|rows| rows.retain(|r| r.peer != peer));
             self.update_peer_count();
         }
     }
@@ -100,7 +102,8 @@ impl SenderSession {
         let secret = match random_hex(SECRET_BYTES) {
             Ok(secret) => secret,
             Err(e) => {
-                ui.error.set(Some(format!("no secure random numbers here: {e}")));
+                ui.error
+                    .set(Some(format!("no secure random numbers here: {e}")));
                 String::new()
             }
         };
@@ -166,7 +169,10 @@ impl SenderSession {
             }
             keep
         });
-        state.ui.files.update(|rows| rows.retain(|r| r.id() != file));
+        state
+            .ui
+            .files
+            .update(|rows| rows.retain(|r| r.id() != file));
         state.broadcast_manifest();
     }
 }
@@ -337,7 +343,9 @@ async fn serve_receiver(
                         (shared, receiver)
                     };
                     drop(st);
-                    let Some((row, max_message)) = receiver else { return };
+                    let Some((row, max_message)) = receiver else {
+                        return;
+                    };
                     let Some(shared) = shared else {
                         let msg = PeerMsg::FileError {
                             file,

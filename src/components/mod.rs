@@ -142,8 +142,15 @@ mod tests {
             total: 48 * 1024 * 1024,
             speed: 15_300_000.0,
         };
-        assert_eq!(progress_text(&p), "12.0 MiB of 48.0 MiB · 15.3 MB/s · 2 s left");
-        let done = Progress { done: 5, total: 5, speed: 1.0 };
+        assert_eq!(
+            progress_text(&p),
+            "12.0 MiB of 48.0 MiB · 15.3 MB/s · 2 s left"
+        );
+        let done = Progress {
+            done: 5,
+            total: 5,
+            speed: 1.0,
+        };
         assert_eq!(progress_text(&done), "5 B of 5 B");
     }
 

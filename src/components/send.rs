@@ -103,7 +103,9 @@ pub fn SendPage() -> impl IntoView {
         let _ = file;
     };
     let copy_link = move |_| {
-        let Some(link) = ui.link.get_untracked() else { return };
+        let Some(link) = ui.link.get_untracked() else {
+            return;
+        };
         if let Some(window) = web_sys::window() {
             let _ = window.navigator().clipboard().write_text(&link);
             copied.set(true);

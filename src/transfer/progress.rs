@@ -102,7 +102,11 @@ mod tests {
         m.update(0.0, 0);
         m.update(1000.0, 1_000_000);
         let p = m.update(2000.0, 1_000_000 + 3_000_000);
-        assert!(p.speed > 1_000_000.0 && p.speed < 3_000_000.0, "{}", p.speed);
+        assert!(
+            p.speed > 1_000_000.0 && p.speed < 3_000_000.0,
+            "{}",
+            p.speed
+        );
     }
 
     #[test]
@@ -110,7 +114,15 @@ mod tests {
         let mut m = Meter::new(100);
         assert_eq!(m.update(5.0, 0).eta_secs(), None);
         assert_eq!(m.update(5.0, 10).eta_secs(), None); // no time passed
-        assert_eq!(Progress { done: 0, total: 0, speed: 0.0 }.fraction(), 1.0);
+        assert_eq!(
+            Progress {
+                done: 0,
+                total: 0,
+                speed: 0.0
+            }
+            .fraction(),
+            1.0
+        );
     }
 
     #[test]
