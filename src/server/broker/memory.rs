@@ -108,6 +108,10 @@ impl Broker for MemoryBroker {
     async fn share_owner(&self, share: &ShareId) -> Result<Option<PeerId>, BrokerError> {
         Ok(self.tables.shares.get(share).map(|e| *e.value()))
     }
+
+    async fn health(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

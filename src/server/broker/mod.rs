@@ -71,6 +71,8 @@ pub trait Broker: Send + Sync + 'static {
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError>;
     /// The share's sender, if the share is live.
     async fn share_owner(&self, share: &ShareId) -> Result<Option<PeerId>, BrokerError>;
+    /// Ok when the backend (e.g. the backplane) is reachable: drives `/healthz` readiness.
+    async fn health(&self) -> Result<(), BrokerError>;
 }
 
 pub type DynBroker = Arc<dyn Broker>;
