@@ -167,3 +167,42 @@ test('a signaling payload altered in transit is refused and the error is shown',
     await proxy.close();
   }
 });
+
+test('a chosen folder keeps its relative paths; a dropped file is added too', async () => {
+  const dir = tempDir();
+  const album = path.join(dir, 'album');
+  mkdirSync(path.join(album, 'deep'), { recursive: true });
+  const inner = randomFile(album, 'one.bin', 300);
+  const deeper = writeFile(path.join(album, 'deep'), 'x.txt', Buffer.from('deep file\n'));
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    const sender = await openPage(senderBrowser, '/');
+    await hydrated(sender);
+    await sender.getByTestId('folder-input').setInputFiles(album);
+    // A file dropped on the drop zone (a synthetic drop carrying a File).
+    const dataTransfer = await sender.evaluateHandle(() => {
+      const dt = new DataTransfer();
+      dt.items.add(new File(['dropped bytes'], 'dropped.txt', { type: 'text/plain' }));
+      return dt;
+    });
+    await sender.getByTestId('drop-zone').dispatchEvent('drop', { dataTransfer });
+    await expect(sender.getByTestId('file-item')).toHaveCount(3);
+
+    const receiver = await openPage(receiverBrowser, await shareLink(sender));
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    await expect(receiver.getByTestId('file-item').filter({ hasText: 'album/one.bin' })).toHaveCount(1);
+    await expect(receiver.getByTestId('file-item').filter({ hasText: 'album/deep/x.txt' })).toHaveCount(1);
+    await expect(receiver.getByTestId('file-item').filter({ hasText: 'dropped.txt' })).toHaveCount(1);
+
+    const item = receiver.getByTestId('file-item').filter({ hasText: 'album/deep/x.txt' });
+    const [dl] = await Promise.all([receiver.waitForEvent('download'), item.getByTestId('download').click()]);
+    expect(dl.suggestedFilename()).toBe('x.txt');
+    expect(sha256(await dl.path())).toBe(sha256(deeper));
+    const one = receiver.getByTestId('file-item').filter({ hasText: 'album/one.bin' });
+    const [dl2] = await Promise.all([receiver.waitForEvent('download'), one.getByTestId('download').click()]);
+    expect(sha256(await dl2.path())).toBe(sha256(inner));
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});

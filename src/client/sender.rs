@@ -4,7 +4,7 @@
 use super::channel::{send_msg, Backpressure, Channel, ChannelEvent};
 use super::rtc::{LinkEvent, Outbox, RtcLink};
 use super::signaling::Signaling;
-use super::{js_message, now_ms, random_hex, window, ClientError};
+use super::{js_message, now_ms, picker, random_hex, window, ClientError};
 use crate::components::send::{ReceiverRow, SenderUi};
 use crate::components::FileRow;
 use crate::protocol::{ClientMsg, IceServer, PeerId, ServerMsg};
@@ -52,6 +52,8 @@ struct State {
     next_file: u32,
     next_receiver: u32,
     receivers: HashMap<PeerId, Receiver>,
+    /// Flow-control settings (defaults, or `?chunk=…` overrides for benchmarks).
+    flow: FlowControl,
 }
 
 impl State {
@@ -117,6 +119,10 @@ impl SenderSession {
             files: Vec::new(),
             next_file: 0,
             next_receiver: 1,
+            flow: window()
+                .and_then(|w| Ok(w.location().search()?))
+                .map(|q| FlowControl::DEFAULT.with_query(&q))
+                .unwrap_or(FlowControl::DEFAULT),
             receivers: HashMap::new(),
         }));
         match Signaling::connect() {
@@ -129,18 +135,48 @@ impl SenderSession {
         Self { state }
     }
 
-    /// Adds files to the share; receivers see the new list at once.
+    /// Adds the files of a file input (a chosen folder keeps its relative paths).
     pub fn add_files(&self, list: &web_sys::FileList) {
-        let mut state = self.state.borrow_mut();
+        add_picked(&self.state, picker::from_file_list(list));
+    }
+
+    /// Adds what was dropped, walking dropped folders.
+    pub fn add_dropped(&self, dt: &web_sys::DataTransfer) {
+        let entries = picker::dropped_entries(dt);
+        if entries.is_empty() {
+            // No entry API (or nothing but plain files): the flat list still works.
+            if let Some(list) = dt.files() {
+                self.add_files(&list);
+            }
+            return;
+        }
+        let state = Rc::downgrade(&self.state);
+        spawn_local(async move {
+            let picked = picker::walk(entries).await;
+            let Some(state) = state.upgrade() else { return };
+            match picked {
+                Ok(picked) => add_picked(&state, picked),
+                Err(e) => {
+                    let message = format!("could not read the dropped folder: {e}");
+                    state.borrow().ui.error.set(Some(message));
+                }
+            }
+        });
+    }
+}
+
+/// Adds files to the share; receivers see the new list at once.
+fn add_picked(state: &RefCell<State>, picked: Vec<picker::Picked>) {
+    {
+        let mut state = state.borrow_mut();
         let mut rows = Vec::new();
-        for i in 0..list.length() {
-            let Some(file) = list.get(i) else { continue };
+        for picker::Picked { file, path } in picked {
             let id = FileId(state.next_file);
             state.next_file += 1;
             let meta = FileMeta {
                 id,
                 name: file.name(),
-                path: String::new(),
+                path,
                 size: file.size() as u64,
                 mime: file.type_(),
                 sha256: None,
@@ -250,7 +286,7 @@ async fn run_signaling(
 
 /// A receiver joined: open a connection and a channel to it and offer.
 async fn connect_receiver(state: &Rc<RefCell<State>>, peer: PeerId) -> Result<(), ClientError> {
-    let (link, link_events) = {
+    let ((link, link_events), flow) = {
         let s = state.borrow();
         let (Some(signaling), Some(key), Some(me)) = (s.signaling.clone(), s.key.clone(), s.me)
         else {
@@ -262,9 +298,8 @@ async fn connect_receiver(state: &Rc<RefCell<State>>, peer: PeerId) -> Result<()
             me,
             remote: peer,
         };
-        RtcLink::new(outbox, &s.ice_servers)?
+        (RtcLink::new(outbox, &s.ice_servers)?, s.flow)
     };
-    let flow = FlowControl::DEFAULT;
     let dc = link.create_channel("files");
     let (channel, events, backpressure) = Channel::new(dc, flow.low_water, flow.high_water);
     let link = Rc::new(link);
@@ -333,14 +368,14 @@ async fn serve_receiver(
             }
             ChannelEvent::Text(text) => match serde_json::from_str::<PeerMsg>(&text) {
                 Ok(PeerMsg::Request { file }) => {
-                    let (shared, receiver) = {
+                    let (shared, receiver, flow) = {
                         let s = st.borrow();
                         let shared = s.files.iter().find(|f| f.meta.id == file).cloned();
                         let receiver = s
                             .receivers
                             .get(&peer)
                             .map(|r| (r.row.clone(), r.link.max_message_size()));
-                        (shared, receiver)
+                        (shared, receiver, s.flow)
                     };
                     drop(st);
                     let Some((row, max_message)) = receiver else {
@@ -354,7 +389,7 @@ async fn serve_receiver(
                         let _ = send_msg(backpressure.channel(), &msg);
                         continue;
                     };
-                    let flow = FlowControl::DEFAULT.fitted_to(max_message);
+                    let flow = flow.fitted_to(max_message);
                     row.state.set(format!("sending {}", shared.meta.name));
                     let sent = send_file(&mut backpressure, &shared, flow, &row).await;
                     row.state.set("connected".into());

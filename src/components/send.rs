@@ -122,8 +122,13 @@ pub fn SendPage() -> impl IntoView {
     let on_drop = move |ev: web_sys::DragEvent| {
         ev.prevent_default();
         dragging.set(false);
-        if let Some(list) = ev.data_transfer().and_then(|dt| dt.files()) {
-            add_files(list);
+        #[cfg(feature = "hydrate")]
+        if let Some(dt) = ev.data_transfer() {
+            session.with_value(|s| {
+                if let Some(s) = s {
+                    s.add_dropped(&dt);
+                }
+            });
         }
     };
     let on_dragover = move |ev: web_sys::DragEvent| {
@@ -145,6 +150,10 @@ pub fn SendPage() -> impl IntoView {
                 <span class="drop-title">"Drop files here"</span>
                 <span class="drop-sub">"or click to choose. They go straight to the receiver, never through our server."</span>
                 <input type="file" multiple data-testid="file-input" on:change=on_change/>
+            </label>
+            <label class="folder-pick">
+                "Or share a whole folder: "
+                <input type="file" prop:webkitdirectory=true data-testid="folder-input" on:change=on_change/>
             </label>
             <ErrorBanner error=ui.error/>
             {move || {

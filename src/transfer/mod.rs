@@ -32,6 +32,32 @@ impl FlowControl {
         low_water: 2 * 1024 * 1024,
     };
 
+    /// Overrides from a URL query (`?chunk=…&block=…&high=…&low=…`, bytes), for benchmarking.
+    /// Unknown keys and unparsable values are ignored; the marks stay ordered (low ≤ high).
+    pub fn with_query(self, query: &str) -> Self {
+        let mut fc = self;
+        for pair in query.trim_start_matches('?').split('&') {
+            let Some((key, value)) = pair.split_once('=') else {
+                continue;
+            };
+            let Ok(n) = value.parse::<u32>() else {
+                continue;
+            };
+            if n == 0 {
+                continue;
+            }
+            match key {
+                "chunk" => fc.chunk_size = n as usize,
+                "block" => fc.read_block = n as usize,
+                "high" => fc.high_water = n,
+                "low" => fc.low_water = n,
+                _ => {}
+            }
+        }
+        fc.low_water = fc.low_water.min(fc.high_water);
+        fc
+    }
+
     /// The same settings with the chunk shrunk to fit a connection's `maxMessageSize`.
     pub fn fitted_to(self, max_message_size: Option<usize>) -> Self {
         let chunk_size = match max_message_size {
@@ -144,6 +170,20 @@ mod tests {
         assert_eq!(
             serde_json::to_value(PeerMsg::Request { file: FileId(2) }).unwrap(),
             json!({"type": "request", "file": 2})
+        );
+    }
+
+    #[test]
+    fn query_overrides_apply_and_keep_marks_ordered() {
+        let fc = FlowControl::DEFAULT.with_query("?chunk=16384&high=1000&low=5000&x=1&block=bad");
+        assert_eq!(fc.chunk_size, 16384);
+        assert_eq!(fc.high_water, 1000);
+        assert_eq!(fc.low_water, 1000);
+        assert_eq!(fc.read_block, FlowControl::DEFAULT.read_block);
+        assert_eq!(FlowControl::DEFAULT.with_query(""), FlowControl::DEFAULT);
+        assert_eq!(
+            FlowControl::DEFAULT.with_query("chunk=0"),
+            FlowControl::DEFAULT
         );
     }
 

@@ -1,0 +1,9 @@
+import { defineConfig } from '@playwright/test';
+import base from './playwright.config';
+
+// Benchmarks, not tests: `scripts/bench-transfer`. Same server as the tests.
+export default defineConfig({
+  ...base,
+  testDir: './bench',
+  timeout: 900_000,
+});
