@@ -160,10 +160,11 @@ fn Receiver(share: String) -> impl IntoView {
         ui.files.with(|rows| {
             rows.iter().fold(Progress::default(), |acc, r| {
                 let p = r.progress.get();
+                let moving = r.status.get() == FileStatus::Receiving;
                 Progress {
                     done: acc.done + p.done,
                     total: acc.total + r.meta.size,
-                    speed: acc.speed + p.speed,
+                    speed: acc.speed + if moving { p.speed } else { 0.0 },
                 }
             })
         })

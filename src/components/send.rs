@@ -152,7 +152,7 @@ pub fn SendPage() -> impl IntoView {
                 <input type="file" multiple data-testid="file-input" on:change=on_change/>
             </label>
             <label class="folder-pick">
-                "Or share a whole folder: "
+                "Share a whole folder…"
                 <input type="file" prop:webkitdirectory=true data-testid="folder-input" on:change=on_change/>
             </label>
             <ErrorBanner error=ui.error/>
