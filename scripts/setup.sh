@@ -54,3 +54,12 @@ need_node_modules() {
 need_chromium() {
   need_apt chromium chromium chromium-driver
 }
+
+# A free loopback port for the end-to-end server (unless E2E_PORT is set), so a running app or a
+# second run on this machine does not collide with the tests.
+pick_e2e_port() {
+  if [ -z "${E2E_PORT:-}" ]; then
+    E2E_PORT=$(node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})')
+  fi
+  export E2E_PORT
+}
