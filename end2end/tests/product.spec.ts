@@ -54,6 +54,7 @@ test('one sender, two receivers at once: every file verified, list live, MB/s an
     await expect(sender.getByTestId('peer-count')).toHaveText('2');
 
     // One receiver alone: the 48 MiB file.
+    const before = { sender: await browserRssMiB(senderBrowser), receiver: await browserRssMiB(aBrowser) };
     const bigItem = a.getByTestId('file-item').filter({ hasText: 'big.bin' });
     const t0 = Date.now();
     const [single] = await Promise.all([a.waitForEvent('download', { timeout: 120_000 }), bigItem.getByTestId('download').click()]);
@@ -91,7 +92,10 @@ test('one sender, two receivers at once: every file verified, list live, MB/s an
     console.log(`one receiver, 48 MiB: ${singleSecs.toFixed(2)} s = ${mb(48 * MiB, singleSecs)} MB/s`);
     const bothBytes = 2 * totalBytes - 48 * MiB;
     console.log(`two receivers at once (A: 5 files, B: 6 files): ${bothSecs.toFixed(2)} s = ${mb(bothBytes, bothSecs)} MB/s aggregate`);
-    console.log(`RSS after the 48 MiB transfer: sender browser ${rss.sender.toFixed(0)} MiB, receiver browser ${rss.receiver.toFixed(0)} MiB`);
+    console.log(
+      `browser RSS (all processes) before → after the 48 MiB transfer: sender ${before.sender.toFixed(0)} → ${rss.sender.toFixed(0)} MiB, ` +
+        `receiver ${before.receiver.toFixed(0)} → ${rss.receiver.toFixed(0)} MiB`,
+    );
   } finally {
     await Promise.all(browsers.map((b) => b.close()));
   }

@@ -2,15 +2,17 @@
 //! and for each requested file reassemble frames by offset, verify size and SHA-256, then save.
 
 use super::channel::{send_msg, Channel, ChannelEvent};
+use super::disk::{DiskSink, DISK_THRESHOLD};
 use super::rtc::{LinkEvent, Outbox, RtcLink};
+use super::save::{save, save_blob};
 use super::signaling::{Incoming, Signaling};
-use super::{now_ms, save::save, window, ClientError};
+use super::{now_ms, random_hex, window, ClientError};
 use crate::components::receive::{Phase, ReceiverUi};
 use crate::components::{FileRow, FileStatus};
 use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
 use crate::seal::{SealError, ShareKey};
 use crate::transfer::progress::Meter;
-use crate::transfer::reassembly::{MemorySink, Reassembly};
+use crate::transfer::reassembly::{verify_digest, Coverage, MemorySink, Reassembly};
 use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg, TransferError};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
@@ -24,9 +26,46 @@ use web_sys::RtcPeerConnectionState;
 /// Progress is pushed to the page at most this often (ms) while bytes stream in.
 const PROGRESS_EVERY_MS: f64 = 100.0;
 
+/// Where a file's bytes go while it arrives.
+enum Store {
+    /// Small files: a buffer in WASM memory.
+    Memory(Reassembly<MemorySink>),
+    /// Large files: OPFS, written straight from the message's memory.
+    Disk { coverage: Coverage, sink: DiskSink },
+}
+
+impl Store {
+    fn received(&self) -> u64 {
+        match self {
+            Store::Memory(r) => r.received(),
+            Store::Disk { coverage, .. } => coverage.received(),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        match self {
+            Store::Memory(r) => r.is_complete(),
+            Store::Disk { coverage, .. } => coverage.is_complete(),
+        }
+    }
+
+    fn write(&mut self, offset: u64, payload: &js_sys::Uint8Array) -> Result<(), ClientError> {
+        match self {
+            Store::Memory(r) => Ok(r.write(offset, &payload.to_vec())?),
+            Store::Disk { coverage, sink } => {
+                let mut next = coverage.clone();
+                next.accept(offset, payload.length() as u64)?;
+                sink.write_at(offset, payload)?;
+                *coverage = next;
+                Ok(())
+            }
+        }
+    }
+}
+
 struct Download {
     row: FileRow,
-    reassembly: Reassembly<MemorySink>,
+    store: Store,
     meter: Meter,
     last_progress: f64,
 }
@@ -114,38 +153,70 @@ impl ReceiverSession {
         Self { state: Some(state) }
     }
 
-    /// Asks the sender for one file.
+    /// Asks the sender for one file (large files get a disk sink first).
     pub fn request(&self, file: FileId) {
         let Some(state) = &self.state else { return };
-        let mut s = state.borrow_mut();
-        let Some(row) = s.row(file) else { return };
-        let Some(dc) = s.channel.as_ref().map(|c| c.dc.clone()) else {
+        let Some(row) = state.borrow().row(file) else {
             return;
         };
-        let reassembly = match MemorySink::new(row.meta.size) {
-            Ok(sink) => Reassembly::new(row.meta.size, sink),
-            Err(e) => {
-                row.status.set(FileStatus::Failed(e.to_string()));
-                return;
+        let size = row.meta.size;
+        row.status.set(FileStatus::Requested);
+        if size < DISK_THRESHOLD {
+            let store =
+                MemorySink::new(size).map(|sink| Store::Memory(Reassembly::new(size, sink)));
+            match store {
+                Ok(store) => begin(state, row, store),
+                Err(e) => row.status.set(FileStatus::Failed(e.to_string())),
             }
-        };
-        if let Err(e) = send_msg(&dc, &PeerMsg::Request { file }) {
-            row.status.set(FileStatus::Failed(e.to_string()));
             return;
         }
-        let mut meter = Meter::new(row.meta.size);
-        row.progress.set(meter.update(now_ms(), 0));
-        row.status.set(FileStatus::Requested);
-        s.downloads.insert(
-            file,
-            Download {
-                row,
-                reassembly,
-                meter,
-                last_progress: 0.0,
-            },
-        );
+        let state = Rc::downgrade(state);
+        spawn_local(async move {
+            let name = format!("beamdrop-{}-{file}", random_hex(8).unwrap_or_default());
+            let store = match DiskSink::create(&name).await {
+                Ok(sink) => Ok(Store::Disk {
+                    coverage: Coverage::new(size),
+                    sink,
+                }),
+                Err(e) => {
+                    // No OPFS here (private mode, old browser): fall back to memory.
+                    leptos::logging::warn!("disk storage unavailable ({e}); receiving in memory");
+                    MemorySink::new(size).map(|sink| Store::Memory(Reassembly::new(size, sink)))
+                }
+            };
+            let Some(state) = state.upgrade() else { return };
+            match store {
+                Ok(store) => begin(&state, row, store),
+                Err(e) => row.status.set(FileStatus::Failed(e.to_string())),
+            }
+        });
     }
+}
+
+/// Sends the request once the file has somewhere to go.
+fn begin(state: &Rc<RefCell<State>>, row: FileRow, store: Store) {
+    let mut s = state.borrow_mut();
+    let file = row.id();
+    let Some(dc) = s.channel.as_ref().map(|c| c.dc.clone()) else {
+        row.status
+            .set(FileStatus::Failed("not connected to the sender".into()));
+        return;
+    };
+    if let Err(e) = send_msg(&dc, &PeerMsg::Request { file }) {
+        row.status.set(FileStatus::Failed(e.to_string()));
+        return;
+    }
+    let mut meter = Meter::new(row.meta.size);
+    row.progress.set(meter.update(now_ms(), 0));
+    s.downloads.insert(
+        file,
+        Download {
+            row,
+            store,
+            meter,
+            last_progress: 0.0,
+        },
+    );
 }
 
 impl Drop for ReceiverSession {
@@ -315,16 +386,37 @@ fn on_peer_msg(s: &mut State, msg: PeerMsg) {
             d.row.status.set(FileStatus::Verifying);
             d.row
                 .progress
-                .set(d.meter.update(now_ms(), d.reassembly.received()));
-            match d.reassembly.finish(size, &sha256) {
-                Ok(sink) => match save(&d.row.meta.name, &d.row.meta.mime, &sink.into_bytes()) {
-                    Ok(()) => d.row.status.set(FileStatus::Verified),
-                    Err(e) => d.row.status.set(FileStatus::Failed(e.to_string())),
-                },
-                Err(TransferError::Integrity) => {
-                    d.row.status.set(FileStatus::Failed("integrity".into()))
+                .set(d.meter.update(now_ms(), d.store.received()));
+            match d.store {
+                Store::Memory(r) => {
+                    let outcome =
+                        r.finish(size, &sha256)
+                            .map_err(ClientError::from)
+                            .and_then(|sink| {
+                                save(&d.row.meta.name, &d.row.meta.mime, &sink.into_bytes())
+                            });
+                    d.row.status.set(outcome_status(outcome));
                 }
-                Err(e) => d.row.status.set(FileStatus::Failed(e.to_string())),
+                Store::Disk { coverage, sink } => {
+                    if let Err(e) = coverage.check_complete(size) {
+                        d.row.status.set(outcome_status(Err(e.into())));
+                        return;
+                    }
+                    let row = d.row;
+                    spawn_local(async move {
+                        let outcome = match sink.finish().await {
+                            Ok((file, digest, stored)) => {
+                                let saved = verify_digest(digest, &sha256)
+                                    .map_err(ClientError::from)
+                                    .and_then(|()| save_blob(&row.meta.name, &file));
+                                stored.remove_later();
+                                saved
+                            }
+                            Err(e) => Err(e),
+                        };
+                        row.status.set(outcome_status(outcome));
+                    });
+                }
             }
         }
         PeerMsg::FileError { file, message } => {
@@ -353,6 +445,17 @@ fn update_list(s: &mut State, files: Vec<FileMeta>) {
     s.ui.files.set(rows);
 }
 
+/// What a finished transfer shows: verified, or why not.
+fn outcome_status(outcome: Result<(), ClientError>) -> FileStatus {
+    match outcome {
+        Ok(()) => FileStatus::Verified,
+        Err(ClientError::Transfer(TransferError::Integrity)) => {
+            FileStatus::Failed("integrity".into())
+        }
+        Err(e) => FileStatus::Failed(e.to_string()),
+    }
+}
+
 fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
     let bytes = js_sys::Uint8Array::new(buf);
     let len = bytes.length() as usize;
@@ -370,20 +473,16 @@ fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
     let Some(d) = s.downloads.get_mut(&file) else {
         return;
     };
-    let payload = bytes
-        .subarray(frame::HEADER_LEN as u32, len as u32)
-        .to_vec();
-    match d.reassembly.write(offset, &payload) {
+    let payload = bytes.subarray(frame::HEADER_LEN as u32, len as u32);
+    match d.store.write(offset, &payload) {
         Ok(()) => {
             let now = now_ms();
             if d.row.status.get_untracked() == FileStatus::Requested {
                 d.row.status.set(FileStatus::Receiving);
             }
-            if now - d.last_progress >= PROGRESS_EVERY_MS || d.reassembly.is_complete() {
+            if now - d.last_progress >= PROGRESS_EVERY_MS || d.store.is_complete() {
                 d.last_progress = now;
-                d.row
-                    .progress
-                    .set(d.meter.update(now, d.reassembly.received()));
+                d.row.progress.set(d.meter.update(now, d.store.received()));
             }
         }
         Err(e) => {

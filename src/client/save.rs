@@ -4,6 +4,7 @@ use super::{window, ClientError};
 use wasm_bindgen::JsCast;
 use web_sys::{Blob, BlobPropertyBag, HtmlAnchorElement, Url};
 
+/// Saves bytes held in memory.
 pub fn save(name: &str, mime: &str, bytes: &[u8]) -> Result<(), ClientError> {
     let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes));
     let options = BlobPropertyBag::new();
@@ -13,7 +14,12 @@ pub fn save(name: &str, mime: &str, bytes: &[u8]) -> Result<(), ClientError> {
         mime
     });
     let blob = Blob::new_with_u8_array_sequence_and_options(&parts, &options)?;
-    let url = Url::create_object_url_with_blob(&blob)?;
+    save_blob(name, &blob)
+}
+
+/// Saves a blob (or a disk-backed file) without copying it into memory.
+pub fn save_blob(name: &str, blob: &Blob) -> Result<(), ClientError> {
+    let url = Url::create_object_url_with_blob(blob)?;
     let document = window()?
         .document()
         .ok_or_else(|| ClientError::Js("no document".into()))?;

@@ -87,19 +87,18 @@ impl RangeSet {
     }
 }
 
-/// One file being received.
-#[derive(Debug)]
-pub struct Reassembly<S: Sink> {
+/// Which bytes of a file have arrived: frames are accepted once, inside the file, in any order.
+/// Sink-agnostic, so a browser sink that writes straight from JS memory can use it too.
+#[derive(Debug, Clone)]
+pub struct Coverage {
     size: u64,
-    sink: S,
     covered: RangeSet,
 }
 
-impl<S: Sink> Reassembly<S> {
-    pub fn new(size: u64, sink: S) -> Self {
+impl Coverage {
+    pub fn new(size: u64) -> Self {
         Self {
             size,
-            sink,
             covered: RangeSet::default(),
         }
     }
@@ -117,31 +116,29 @@ impl<S: Sink> Reassembly<S> {
         self.covered.total == self.size
     }
 
-    /// Writes one frame's payload at its offset, in whatever order frames arrive.
-    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+    /// Records `len` bytes at `offset`; an error (and no change) if they fall outside the file or
+    /// overlap bytes already received.
+    pub fn accept(&mut self, offset: u64, len: u64) -> Result<(), TransferError> {
         let end = offset
-            .checked_add(data.len() as u64)
+            .checked_add(len)
             .filter(|&end| end <= self.size)
             .ok_or(TransferError::OutOfBounds {
                 offset,
-                end: offset.saturating_add(data.len() as u64),
+                end: offset.saturating_add(len),
                 size: self.size,
             })?;
-        // Check coverage before touching the sink so a rejected frame changes nothing.
-        let mut probe = self.covered.clone();
-        if !probe.insert(offset, end) {
-            return Err(TransferError::Overlap { offset, end });
+        if self.covered.insert(offset, end) {
+            Ok(())
+        } else {
+            Err(TransferError::Overlap { offset, end })
         }
-        self.sink.write_at(offset, data)?;
-        self.covered = probe;
-        Ok(())
     }
 
-    /// Checks the announced size and SHA-256 (hex) against what arrived; hands back the sink.
-    pub fn finish(mut self, size: u64, sha256_hex: &str) -> Result<S, TransferError> {
-        if size != self.size {
+    /// Every byte arrived, and the sender's announced size is the one the file list gave.
+    pub fn check_complete(&self, announced: u64) -> Result<(), TransferError> {
+        if announced != self.size {
             return Err(TransferError::SizeMismatch {
-                announced: size,
+                announced,
                 expected: self.size,
             });
         }
@@ -151,10 +148,60 @@ impl<S: Sink> Reassembly<S> {
                 size: self.size,
             });
         }
-        let digest = self.sink.sha256()?;
-        if !hex::encode(digest).eq_ignore_ascii_case(sha256_hex) {
-            return Err(TransferError::Integrity);
+        Ok(())
+    }
+}
+
+/// Compares a computed digest with the sender's hex SHA-256.
+pub fn verify_digest(digest: [u8; 32], sha256_hex: &str) -> Result<(), TransferError> {
+    if hex::encode(digest).eq_ignore_ascii_case(sha256_hex) {
+        Ok(())
+    } else {
+        Err(TransferError::Integrity)
+    }
+}
+
+/// One file being received into a [`Sink`].
+#[derive(Debug)]
+pub struct Reassembly<S: Sink> {
+    coverage: Coverage,
+    sink: S,
+}
+
+impl<S: Sink> Reassembly<S> {
+    pub fn new(size: u64, sink: S) -> Self {
+        Self {
+            coverage: Coverage::new(size),
+            sink,
         }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.coverage.size()
+    }
+
+    pub fn received(&self) -> u64 {
+        self.coverage.received()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.coverage.is_complete()
+    }
+
+    /// Writes one frame's payload at its offset, in whatever order frames arrive.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+        // Check coverage first on a copy so a rejected frame or a failed write changes nothing.
+        let mut coverage = self.coverage.clone();
+        coverage.accept(offset, data.len() as u64)?;
+        self.sink.write_at(offset, data)?;
+        self.coverage = coverage;
+        Ok(())
+    }
+
+    /// Checks the announced size and SHA-256 (hex) against what arrived; hands back the sink.
+    pub fn finish(mut self, size: u64, sha256_hex: &str) -> Result<S, TransferError> {
+        self.coverage.check_complete(size)?;
+        verify_digest(self.sink.sha256()?, sha256_hex)?;
         Ok(self.sink)
     }
 }
@@ -303,6 +350,31 @@ mod tests {
         r.write(0, &[3; 10]).unwrap();
         r.write(30, &[4; 70]).unwrap();
         assert!(r.is_complete());
+    }
+
+    #[test]
+    fn coverage_alone_tracks_out_of_order_frames() {
+        let mut c = Coverage::new(10);
+        c.accept(5, 5).unwrap();
+        assert_eq!(
+            c.check_complete(10),
+            Err(TransferError::Incomplete {
+                received: 5,
+                size: 10
+            })
+        );
+        assert_eq!(
+            c.accept(4, 2),
+            Err(TransferError::Overlap { offset: 4, end: 6 })
+        );
+        c.accept(0, 5).unwrap();
+        assert!(c.check_complete(10).is_ok());
+        assert!(c.check_complete(11).is_err());
+        assert!(verify_digest([0; 32], &"00".repeat(32)).is_ok());
+        assert_eq!(
+            verify_digest([0; 32], &"01".repeat(32)),
+            Err(TransferError::Integrity)
+        );
     }
 
     #[test]
