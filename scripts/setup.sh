@@ -63,3 +63,8 @@ pick_e2e_port() {
   fi
   export E2E_PORT
 }
+
+need_redis() {
+  # redis-server for the multi-node broker tests (each test starts its own on a free port).
+  need_apt redis-server redis-server
+}

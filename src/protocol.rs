@@ -174,6 +174,9 @@ pub enum ErrorCode {
     TooManyShares,
     /// The broker backend failed.
     Internal,
+    /// This connection sent messages faster than its rate limit: slow down. Persisting closes the
+    /// socket with [`close_code::RATE_LIMITED`].
+    RateLimited,
 }
 
 /// What two browsers exchange inside [`ClientMsg::Signal`] / [`ServerMsg::Signal`] payloads.
@@ -206,6 +209,81 @@ pub mod close_code {
     pub const RECONNECT: u16 = 4003;
     /// The peer could not be registered.
     pub const REGISTRATION_FAILED: u16 = 4004;
+    /// The client kept exceeding its message rate limit after being told to slow down.
+    pub const RATE_LIMITED: u16 = 4005;
+}
+
+/// Deepest JSON nesting (arrays and objects) the server decodes by default. A client message
+/// needs 1; anything past the limit is refused before serde recurses into it.
+pub const DEFAULT_MAX_JSON_DEPTH: usize = 16;
+
+/// Why a client text frame is not a [`ClientMsg`]. Always answered with
+/// [`ErrorCode::BadMessage`]; the connection stays open.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Arrays/objects nested deeper than the limit (found by a byte scan, before any parsing).
+    #[error("message nested deeper than {max} levels")]
+    TooDeep { max: usize },
+    /// Not JSON, or not a known message.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DecodeError {
+    pub fn code(&self) -> ErrorCode {
+        ErrorCode::BadMessage
+    }
+
+    /// The error frame the server answers with.
+    pub fn to_server_msg(&self) -> ServerMsg {
+        ServerMsg::error(self.code(), self.to_string())
+    }
+}
+
+/// Whether `json` nests arrays/objects deeper than `max_depth`, by one pass over the bytes that
+/// skips string contents (and their escapes). No allocation, no recursion.
+///
+/// Sound for any input: serde_json parses left to right and stops at the first error, and on any
+/// valid JSON prefix this scan sees the same strings and brackets, so serde never recurses deeper
+/// than the depth this scan reports.
+pub fn json_depth_exceeds(json: &[u8], max_depth: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Text frame → [`ClientMsg`], or a typed error: the server's one decoder (and the fuzz target's).
+/// Frame size is bounded before this, by the WebSocket layer; nesting is bounded here, before
+/// serde sees the text.
+pub fn decode_client_msg(text: &str, max_depth: usize) -> Result<ClientMsg, DecodeError> {
+    if json_depth_exceeds(text.as_bytes(), max_depth) {
+        return Err(DecodeError::TooDeep { max: max_depth });
+    }
+    serde_json::from_str(text).map_err(|e| DecodeError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]
@@ -294,6 +372,10 @@ mod tests {
                 ServerMsg::error(ErrorCode::UnknownPeer, "no"),
                 json!({"type": "error", "code": "unknown_peer", "message": "no"}),
             ),
+            (
+                ServerMsg::error(ErrorCode::RateLimited, "slow down"),
+                json!({"type": "error", "code": "rate_limited", "message": "slow down"}),
+            ),
         ];
         for (msg, golden) in cases {
             assert_eq!(serde_json::to_value(&msg).unwrap(), golden);
@@ -334,6 +416,330 @@ mod tests {
     fn unknown_types_are_rejected() {
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"shutdown"}"#).is_err());
         assert!(serde_json::from_str::<ClientMsg>(r#"{"to":"x"}"#).is_err());
+    }
+
+    #[test]
+    fn error_codes_golden_json() {
+        let cases = [
+            (ErrorCode::BadMessage, "bad_message"),
+            (ErrorCode::UnknownPeer, "unknown_peer"),
+            (ErrorCode::NoSuchShare, "no_such_share"),
+            (ErrorCode::PeerBusy, "peer_busy"),
+            (ErrorCode::TooManyShares, "too_many_shares"),
+            (ErrorCode::Internal, "internal"),
+            (ErrorCode::RateLimited, "rate_limited"),
+        ];
+        for (code, golden) in cases {
+            assert_eq!(serde_json::to_value(code).unwrap(), json!(golden));
+            assert_eq!(
+                serde_json::from_value::<ErrorCode>(json!(golden)).unwrap(),
+                code
+            );
+        }
+    }
+
+    #[test]
+    fn close_codes_are_stable() {
+        assert_eq!(close_code::IDLE_TIMEOUT, 4001);
+        assert_eq!(close_code::BAD_FRAME, 4002);
+        assert_eq!(close_code::RECONNECT, 4003);
+        assert_eq!(close_code::REGISTRATION_FAILED, 4004);
+        assert_eq!(close_code::RATE_LIMITED, 4005);
+    }
+
+    /// Nesting depth as serde_json's parser walks it (duplicate keys included, which a
+    /// `serde_json::Value` would collapse): arrays and objects count, scalars are 0.
+    struct Depth(usize);
+
+    impl<'de> Deserialize<'de> for Depth {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Depth;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Depth, E> {
+                    Ok(Depth(0))
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Depth, E> {
+                    Ok(Depth(0))
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Depth, E> {
+                    Ok(Depth(0))
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Depth, E> {
+                    Ok(Depth(0))
+                }
+                fn visit_str<E>(self, _: &str) -> Result<Depth, E> {
+                    Ok(Depth(0))
+                }
+                fn visit_unit<E>(self) -> Result<Depth, E> {
+                    Ok(Depth(0))
+                }
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut a: A,
+                ) -> Result<Depth, A::Error> {
+                    let mut max = 0;
+                    while let Some(Depth(d)) = a.next_element()? {
+                        max = max.max(d);
+                    }
+                    Ok(Depth(max + 1))
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut a: A,
+                ) -> Result<Depth, A::Error> {
+                    let mut max = 0;
+                    while let Some((serde::de::IgnoredAny, Depth(d))) = a.next_entry()? {
+                        max = max.max(d);
+                    }
+                    Ok(Depth(max + 1))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    #[test]
+    fn depth_scan_counts_brackets_outside_strings_only() {
+        assert!(!json_depth_exceeds(b"", 0));
+        assert!(!json_depth_exceeds(b"42", 0));
+        assert!(json_depth_exceeds(b"[]", 0));
+        assert!(!json_depth_exceeds(b"[]", 1));
+        assert!(json_depth_exceeds(b"[[]]", 1));
+        assert!(!json_depth_exceeds(b"[[],{},[{}]]", 3));
+        assert!(json_depth_exceeds(b"[[],{},[{}]]", 2));
+        // Brackets inside strings, escaped quotes and escaped backslashes.
+        let s = br#"{"type":"signal","payload":"[[[[{{{{\"[[[[\\","to":"x"}"#;
+        assert!(!json_depth_exceeds(s, 1));
+        let s = br#"{"a":"\\",  "b":[[1]]}"#;
+        assert!(json_depth_exceeds(s, 2));
+        assert!(!json_depth_exceeds(s, 3));
+        // Unbalanced closers never go negative.
+        assert!(!json_depth_exceeds(b"]]]]}}}}[", 1));
+        assert!(json_depth_exceeds(b"]]]]}}}}[[", 1));
+        // The scan agrees with a real parse on valid JSON.
+        for text in [
+            r#"{"type":"ping"}"#,
+            r#"{"a":[1,{"b":[[],[[]]]}],"c":"]]]"}"#,
+            r#"[{"\\\"":"[{"},[[[["x"]]]]]"#,
+        ] {
+            let Depth(d) = serde_json::from_str(text).unwrap();
+            assert!(!json_depth_exceeds(text.as_bytes(), d), "{text}");
+            assert!(json_depth_exceeds(text.as_bytes(), d - 1), "{text}");
+        }
+    }
+
+    #[test]
+    fn decode_refuses_deep_nesting_before_parsing() {
+        let max = DEFAULT_MAX_JSON_DEPTH;
+        let nested = |n: usize| {
+            format!(
+                r#"{{"type":"ping","x":{}{}}}"#,
+                "[".repeat(n),
+                "]".repeat(n)
+            )
+        };
+        // Unknown fields are ignored, so moderate nesting inside one is still a valid Ping.
+        assert_eq!(
+            decode_client_msg(&nested(max - 1), max),
+            Ok(ClientMsg::Ping)
+        );
+        assert_eq!(
+            decode_client_msg(&nested(max), max),
+            Err(DecodeError::TooDeep { max })
+        );
+        // Far past serde_json's own recursion limit, and unterminated: the same typed error.
+        let bomb = "[".repeat(100_000);
+        let err = decode_client_msg(&bomb, max).unwrap_err();
+        assert_eq!(err, DecodeError::TooDeep { max });
+        assert_eq!(err.code(), ErrorCode::BadMessage);
+        assert!(matches!(
+            err.to_server_msg(),
+            ServerMsg::Error {
+                code: ErrorCode::BadMessage,
+                ..
+            }
+        ));
+        assert!(matches!(
+            decode_client_msg("{not json", max),
+            Err(DecodeError::Invalid(_))
+        ));
+        assert_eq!(
+            decode_client_msg(r#"{"type":"ping"}"#, max),
+            Ok(ClientMsg::Ping)
+        );
+    }
+
+    /// splitmix64: a tiny deterministic generator, so every run sees the same inputs.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+        fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+    }
+
+    /// Mutates a valid message: bit flips, structural insertions, deletions, splices, nesting.
+    fn mutate(rng: &mut Rng, seeds: &[Vec<u8>], input: &mut Vec<u8>) {
+        const INTERESTING: &[u8] =
+            b"{}[]\":,\\ 0123456789-.eE+tfnulasr\x00\x7f\xff\xc3\xa9\xe2\x9c";
+        for _ in 0..1 + rng.below(8) {
+            let len = input.len();
+            match rng.below(10) {
+                0 if len > 0 => {
+                    let i = rng.below(len);
+                    input[i] ^= 1 << rng.below(8);
+                }
+                1 => {
+                    let i = rng.below(len + 1);
+                    input.insert(i, *rng.pick(INTERESTING));
+                }
+                2 if len > 0 => {
+                    let i = rng.below(len);
+                    let n = 1 + rng.below((len - i).min(8));
+                    input.drain(i..i + n);
+                }
+                3 if len > 0 => {
+                    let i = rng.below(len);
+                    let n = 1 + rng.below((len - i).min(16));
+                    let chunk = input[i..i + n].to_vec();
+                    let at = rng.below(len + 1);
+                    input.splice(at..at, chunk);
+                }
+                4 => input.truncate(rng.below(len + 1)),
+                5 => {
+                    // Splice in the tail of another seed.
+                    let other = rng.pick(seeds);
+                    let from = rng.below(other.len());
+                    let at = rng.below(len + 1);
+                    input.splice(at..at, other[from..].iter().copied());
+                }
+                6 => {
+                    // Nest: around everything, or as a new field.
+                    let n = rng.below(2 * DEFAULT_MAX_JSON_DEPTH + 2);
+                    let (open, close) = if rng.below(2) == 0 {
+                        (b'[', b']')
+                    } else {
+                        (b'{', b'}')
+                    };
+                    if rng.below(2) == 0 {
+                        let mut wrapped = vec![open; n];
+                        wrapped.append(input);
+                        wrapped.extend(std::iter::repeat_n(close, n));
+                        *input = wrapped;
+                    } else if let Some(i) = input.iter().rposition(|&b| b == b'}') {
+                        let mut field = b",\"x\":".to_vec();
+                        field.extend(std::iter::repeat_n(b'[', n));
+                        field.extend(std::iter::repeat_n(b']', n));
+                        input.splice(i..i, field);
+                    }
+                }
+                7 if len > 0 => {
+                    // String boundaries are what the depth scan must get right.
+                    let i = rng.below(len);
+                    input[i] = *rng.pick(b"\"\\[{");
+                }
+                8 => {
+                    let i = rng.below(len + 1);
+                    let junk: Vec<u8> = (0..rng.below(12)).map(|_| rng.next() as u8).collect();
+                    input.splice(i..i, junk);
+                }
+                _ => {
+                    // Swap one message type tag for another (or for nonsense).
+                    let from = *rng.pick(&["ping", "join", "signal", "create_share"]);
+                    let to = *rng.pick(&[
+                        "ping",
+                        "join",
+                        "signal",
+                        "create_share",
+                        "error",
+                        "",
+                        "PING",
+                    ]);
+                    let text = String::from_utf8_lossy(input).replacen(from, to, 1);
+                    *input = text.into_bytes();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decoder_survives_twenty_thousand_mutated_inputs() {
+        let max = DEFAULT_MAX_JSON_DEPTH;
+        let seeds: Vec<Vec<u8>> = [
+            ClientMsg::Ping,
+            ClientMsg::CreateShare,
+            ClientMsg::Join { share: share() },
+            ClientMsg::Signal {
+                to: pid(7),
+                payload: "{\"type\":\"offer\",\"sdp\":\"v=0\\r\\n\"} [ { \\ ünïcødé ✓".into(),
+            },
+            ClientMsg::Signal {
+                to: pid(u128::MAX),
+                payload: "x".repeat(300),
+            },
+        ]
+        .iter()
+        .map(|m| serde_json::to_vec(m).unwrap())
+        .chain([
+            br#"{"type":"ping","extra":[1,{"a":[null,true,false,-1.5e3]}]}"#.to_vec(),
+            br#"{"type":"signal","to":"00000000-0000-0000-0000-000000000001","payload":"\"\\\u00e9\ud83d\ude00"}"#.to_vec(),
+        ])
+        .collect();
+
+        let mut rng = Rng(0x5eed_0bea_4d20_0001);
+        let (mut ok, mut too_deep, mut invalid, mut valid_json) = (0, 0, 0, 0);
+        for _ in 0..20_000 {
+            let mut input = rng.pick(&seeds).clone();
+            mutate(&mut rng, &seeds, &mut input);
+            let text = String::from_utf8_lossy(&input);
+            let Ok(result) = std::panic::catch_unwind(|| decode_client_msg(&text, max)) else {
+                panic!("the decoder panicked on {text:?}");
+            };
+            // Wherever the input is JSON at all, the byte scan agrees with a real parse.
+            if let Ok(Depth(depth)) = serde_json::from_str(&text) {
+                let deep = depth > max;
+                assert_eq!(json_depth_exceeds(text.as_bytes(), max), deep, "{text:?}");
+                valid_json += 1;
+            }
+            match result {
+                Ok(msg) => {
+                    ok += 1;
+                    assert!(!json_depth_exceeds(text.as_bytes(), max), "{text:?}");
+                    // Whatever decoded re-encodes to the same message.
+                    let again = serde_json::to_string(&msg).unwrap();
+                    assert_eq!(decode_client_msg(&again, max), Ok(msg), "{text:?}");
+                }
+                Err(DecodeError::TooDeep { max: m }) => {
+                    too_deep += 1;
+                    assert_eq!(m, max);
+                    assert!(json_depth_exceeds(text.as_bytes(), max), "{text:?}");
+                }
+                Err(e @ DecodeError::Invalid(_)) => {
+                    invalid += 1;
+                    assert_eq!(e.code(), ErrorCode::BadMessage);
+                }
+            }
+        }
+        // The mutations reach every outcome, or the run proves little.
+        let counts = format!("ok {ok}, too deep {too_deep}, invalid {invalid}, JSON {valid_json}");
+        assert!(
+            ok > 250 && too_deep > 250 && invalid > 250 && valid_json > 1000,
+            "{counts}"
+        );
     }
 
     #[cfg(feature = "ssr")]

@@ -633,6 +633,8 @@ async fn a_client_that_stops_reading_is_dropped_despite_queued_traffic() {
             ping_interval_secs: 1,
             idle_timeout_secs: 2,
             inbox_capacity: 8,
+            // The flood must reach A's inbox, not B's rate limit.
+            rate_limit_per_sec: 0,
             ..Default::default()
         },
         ..config()

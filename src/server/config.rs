@@ -13,10 +13,15 @@ use std::time::Duration;
 pub struct Config {
     /// Address the HTTP server listens on.
     pub listen: SocketAddr,
-    /// Broker backend by URI scheme: `memory://` (in-process, the default).
+    /// Broker backend by URI scheme: `memory://` (in-process, the default) or
+    /// `redis://host:port[/db]` (several nodes sharing one Redis).
     pub broker: String,
     /// ICE servers handed to browsers; none means host candidates only.
     pub ice_servers: Vec<IceServer>,
+    /// Browser origins (`scheme://host[:port]`) allowed to open `/ws` besides the server's own
+    /// (an `Origin` equal to the request's `Host`); `"*"` allows any. Requests without an `Origin`
+    /// header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
     pub limits: Limits,
 }
 
@@ -33,6 +38,19 @@ pub struct Limits {
     pub ping_interval_secs: u64,
     /// Seconds without any frame from the client before the server closes the socket.
     pub idle_timeout_secs: u64,
+    /// Deepest JSON nesting (arrays/objects) accepted in a client message; deeper is refused as
+    /// `bad_message` before parsing.
+    pub max_json_depth: usize,
+    /// Token bucket per connection: messages a client may send at once...
+    pub rate_limit_burst: u32,
+    /// ...and the sustained rate, in messages per second, that refills it. 0 disables the limit.
+    pub rate_limit_per_sec: u32,
+    /// Rate-limited messages (each answered `rate_limited`) after which the socket is closed with
+    /// close code 4005. 0 never closes.
+    pub rate_limit_close_after: u32,
+    /// Concurrent WebSockets from one client IP (IPv6: one /64); more are refused with HTTP 429.
+    /// 0 is unlimited.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for Config {
@@ -41,6 +59,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
             broker: "memory://".into(),
             ice_servers: Vec::new(),
+            allowed_origins: Vec::new(),
             limits: Limits::default(),
         }
     }
@@ -54,6 +73,11 @@ impl Default for Limits {
             max_shares_per_peer: 16,
             ping_interval_secs: 20,
             idle_timeout_secs: 60,
+            max_json_depth: crate::protocol::DEFAULT_MAX_JSON_DEPTH,
+            rate_limit_burst: 50,
+            rate_limit_per_sec: 20,
+            rate_limit_close_after: 100,
+            max_connections_per_ip: 64,
         }
     }
 }
@@ -77,7 +101,7 @@ pub struct Cli {
     /// Listen address, e.g. 127.0.0.1:3000 (port 0 picks a free port).
     #[arg(long, env = "BEAMDROP_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Broker URI: memory://
+    /// Broker URI: memory:// or redis://host:port
     #[arg(long, env = "BEAMDROP_BROKER")]
     pub broker: Option<String>,
     /// ICE server URL (repeatable; comma-separated in the env var). Replaces the file's list.
@@ -87,6 +111,14 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub ice_servers: Vec<String>,
+    /// Extra browser origin allowed to open /ws, e.g. https://drop.example.org (repeatable;
+    /// comma-separated in the env var). Replaces the file's list.
+    #[arg(
+        long = "allowed-origin",
+        env = "BEAMDROP_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +167,9 @@ impl Config {
                 ..Default::default()
             }];
         }
+        if !cli.allowed_origins.is_empty() {
+            config.allowed_origins = cli.allowed_origins.clone();
+        }
         Ok(config)
     }
 }
@@ -149,6 +184,50 @@ mod tests {
         let config = Config::from_toml(text).unwrap();
         assert_eq!(config.broker, "memory://");
         assert!(config.ice_servers.is_empty());
+        assert!(config.allowed_origins.is_empty());
+        // The shipped file spells out the defaults; keep the two in step.
+        assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn hostile_client_limits_are_configurable() {
+        let config = Config::from_toml(
+            r#"
+            allowed_origins = ["https://drop.example.org"]
+            [limits]
+            max_json_depth = 4
+            rate_limit_burst = 5
+            rate_limit_per_sec = 2
+            rate_limit_close_after = 10
+            max_connections_per_ip = 3
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.allowed_origins, vec!["https://drop.example.org"]);
+        let l = &config.limits;
+        assert_eq!(
+            (
+                l.max_json_depth,
+                l.rate_limit_burst,
+                l.rate_limit_per_sec,
+                l.rate_limit_close_after,
+                l.max_connections_per_ip
+            ),
+            (4, 5, 2, 10, 3)
+        );
+        // Keys left out keep their defaults.
+        assert_eq!(l.max_frame_bytes, Limits::default().max_frame_bytes);
+        let d = Limits::default();
+        assert_eq!(
+            (
+                d.max_json_depth,
+                d.rate_limit_burst,
+                d.rate_limit_per_sec,
+                d.rate_limit_close_after,
+                d.max_connections_per_ip
+            ),
+            (16, 50, 20, 100, 64)
+        );
     }
 
     #[test]
@@ -166,10 +245,16 @@ mod tests {
             "127.0.0.1:0",
             "--ice-server",
             "stun:127.0.0.1:3478",
+            "--allowed-origin",
+            "https://a.example,https://b.example",
         ]);
         let config = Config::load(&cli).unwrap();
         assert_eq!(config.listen.port(), 0);
         assert_eq!(config.ice_servers[0].urls, vec!["stun:127.0.0.1:3478"]);
+        assert_eq!(
+            config.allowed_origins,
+            vec!["https://a.example", "https://b.example"]
+        );
         assert_eq!(config.limits, Limits::default());
     }
 }

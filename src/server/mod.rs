@@ -2,10 +2,14 @@
 
 pub mod broker;
 pub mod config;
+pub mod limits;
+pub mod metrics;
 mod ws;
 
 use crate::app::{shell, App};
-use axum::extract::FromRef;
+use axum::extract::{FromRef, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use broker::DynBroker;
@@ -14,6 +18,7 @@ use leptos::prelude::LeptosOptions;
 use leptos_axum::{file_and_error_handler, generate_route_list, LeptosRoutes};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -25,6 +30,29 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Flips to `true` when the server begins shutting down.
     pub shutdown: watch::Receiver<bool>,
+    /// Counters and gauges served at `/metrics`.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Open sockets per client IP, for `limits.max_connections_per_ip`.
+    pub ip_connections: Arc<limits::IpConnections>,
+}
+
+impl AppState {
+    pub fn new(
+        leptos_options: LeptosOptions,
+        broker: DynBroker,
+        config: Config,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let ip_connections = limits::IpConnections::new(config.limits.max_connections_per_ip);
+        Self {
+            leptos_options,
+            broker,
+            config: Arc::new(config),
+            shutdown,
+            metrics: Arc::default(),
+            ip_connections,
+        }
+    }
 }
 
 impl FromRef<AppState> for LeptosOptions {
@@ -37,13 +65,47 @@ pub fn router(state: AppState) -> Router {
     let routes = generate_route_list(App);
     Router::new()
         .route("/ws", get(ws::handler))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
         .leptos_routes(&state, routes, {
             let options = state.leptos_options.clone();
             move || shell(options.clone())
         })
         .fallback(file_and_error_handler::<AppState, _>(shell))
         .with_state(state)
+}
+
+/// Longest a readiness probe waits on the broker backend before answering 503.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Readiness: 200 "ok" while the broker backend answers, 503 otherwise.
+async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
+    match tokio::time::timeout(HEALTH_TIMEOUT, state.broker.health()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ok"),
+        Ok(Err(e)) => {
+            state.metrics.broker_error(&e);
+            tracing::warn!(error = %e, "health check failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+        }
+        Err(_) => {
+            state.metrics.broker_error(&broker::BrokerError::Backend(
+                "health check timed out".into(),
+            ));
+            tracing::warn!("health check timed out");
+            (StatusCode::SERVICE_UNAVAILABLE, "broker unavailable")
+        }
+    }
+}
+
+/// Prometheus text exposition.
+async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +154,7 @@ pub async fn start(
     config: Config,
     leptos_options: LeptosOptions,
 ) -> Result<RunningServer, StartError> {
-    let broker = broker::from_uri(&config.broker, config.limits.inbox_capacity)?;
+    let broker = broker::from_uri(&config.broker, config.limits.inbox_capacity).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| StartError::Bind {
@@ -104,17 +166,80 @@ pub async fn start(
         source,
     })?;
     let (stop, shutdown) = watch::channel(false);
-    let state = AppState {
-        leptos_options,
-        broker,
-        config: Arc::new(config),
-        shutdown: shutdown.clone(),
-    };
-    let app = router(state);
+    let state = AppState::new(leptos_options, broker, config, shutdown.clone());
+    // The peer address feeds the per-IP connection cap.
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(stopped(shutdown))
             .await
     });
     Ok(RunningServer { addr, stop, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{PeerId, ServerMsg, ShareId};
+    use broker::{Broker, BrokerError, MemoryBroker, Registration, ShareLease};
+
+    /// A backend whose backplane is unreachable.
+    struct DownBroker;
+
+    fn down<T>() -> Result<T, BrokerError> {
+        Err(BrokerError::Backend("connection refused".into()))
+    }
+
+    #[async_trait::async_trait]
+    impl Broker for DownBroker {
+        async fn register(&self, _: PeerId) -> Result<Registration, BrokerError> {
+            down()
+        }
+        async fn publish(&self, _: PeerId, _: ServerMsg) -> Result<(), BrokerError> {
+            down()
+        }
+        async fn is_registered(&self, _: PeerId) -> Result<bool, BrokerError> {
+            down()
+        }
+        async fn create_share(&self, _: PeerId) -> Result<ShareLease, BrokerError> {
+            down()
+        }
+        async fn share_owner(&self, _: &ShareId) -> Result<Option<PeerId>, BrokerError> {
+            down()
+        }
+        async fn health(&self) -> Result<(), BrokerError> {
+            down()
+        }
+    }
+
+    fn state(broker: DynBroker) -> AppState {
+        let (_stop, shutdown) = watch::channel(false);
+        let options = LeptosOptions::builder().output_name("beamdrop").build();
+        AppState::new(options, broker, Config::default(), shutdown)
+    }
+
+    async fn body(response: axum::response::Response) -> String {
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn healthz_follows_the_broker_backend() {
+        let up = state(Arc::new(MemoryBroker::new(8)));
+        let response = healthz(State(up)).await.into_response();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body(response).await, "ok");
+
+        let down = state(Arc::new(DownBroker));
+        let response = healthz(State(down.clone())).await.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.metrics.backend_errors(), 1);
+        let text = body(metrics_text(State(down)).await.into_response()).await;
+        assert!(
+            text.contains("\nbeamdrop_backend_errors_total 1\n"),
+            "{text}"
+        );
+    }
 }

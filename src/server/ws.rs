@@ -1,24 +1,90 @@
 //! `/ws`: one task per WebSocket, with one exit path. The task owns the peer's registration
 //! (`peer_state:<id>`), its share leases and the set of peers it was introduced to; all of it is
 //! released by `Drop`, however the task ends.
+//!
+//! Hostile clients are refused before the upgrade (foreign `Origin` → 403, too many sockets from
+//! one IP → 429) and paced after it (frame size, JSON depth, a token bucket per connection). Every
+//! refusal is counted in [`Metrics`]; logs carry peer ids and reasons, never payloads.
 
 use super::broker::{BrokerError, DynBroker, Registration, ShareLease};
+use super::limits::{origin_allowed, TokenBucket};
+use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
 use super::AppState;
-use crate::protocol::{close_code, ClientMsg, ErrorCode, PeerId, ServerMsg};
+use crate::protocol::{
+    close_code, decode_client_msg, ClientMsg, DecodeError, ErrorCode, PeerId, ServerMsg,
+};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::response::Response;
-use futures::stream::SplitSink;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
+use tracing::Instrument;
 
-pub async fn handler(ws: WebSocketUpgrade, State(state): State<AppState>) -> Response {
+pub async fn handler(
+    ws: WebSocketUpgrade,
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
+) -> Response {
+    let ip = connect_info.map(|Extension(ConnectInfo(addr))| addr.ip());
+
+    // Browsers always send Origin on WebSocket handshakes; a page elsewhere must not be able to
+    // drive this broker with its visitors' connections.
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or(""));
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()));
+    if !origin_allowed(origin, host, &state.config.allowed_origins) {
+        state.metrics.reject(Rejection::Origin);
+        tracing::info!(?ip, origin = ?origin, host = ?host, "websocket refused: origin not allowed");
+        return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+
+    let slot = match ip {
+        Some(ip) => match state.ip_connections.try_acquire(ip) {
+            Some(slot) => Some(slot),
+            None => {
+                state.metrics.reject(Rejection::IpCap);
+                tracing::warn!(
+                    %ip,
+                    cap = state.config.limits.max_connections_per_ip,
+                    "websocket refused: too many connections from this address"
+                );
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many connections from this address",
+                )
+                    .into_response();
+            }
+        },
+        None => None,
+    };
+
     let max = state.config.limits.max_frame_bytes;
     ws.max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| run(socket, state))
+        .on_upgrade(move |socket| {
+            let peer = PeerId::new_random();
+            let span = tracing::info_span!("peer", %peer, ip = ?ip);
+            async move {
+                // Held for the socket's whole life: the slot goes back when the task ends.
+                let _slot = slot;
+                run(socket, state, peer).await
+            }
+            .instrument(span)
+        })
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -47,17 +113,62 @@ async fn send_within(
 /// Why the loop ended, and what (if anything) to tell the client.
 enum Exit {
     ClientGone,
-    Close(u16, &'static str),
+    Close(u16, &'static str, Disconnect),
 }
 
-async fn run(socket: WebSocket, state: AppState) {
-    let peer = PeerId::new_random();
+impl Exit {
+    fn cause(&self) -> Disconnect {
+        match self {
+            Exit::ClientGone => Disconnect::Client,
+            Exit::Close(_, _, cause) => *cause,
+        }
+    }
+}
+
+/// What a read error from the socket means.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadFailure {
+    /// The transport failed or the client vanished without a close frame: nobody to refuse.
+    Gone,
+    /// A message over `max_frame_bytes`.
+    Oversize,
+    /// A protocol violation: unmasked frame, bad UTF-8 in a text frame, bad opcode...
+    Malformed,
+}
+
+/// Classifies a read error. axum hides tungstenite's error type, so: an `io::Error` anywhere in
+/// the source chain is the transport; otherwise tungstenite's messages tell (pinned by the tests
+/// in `tests/hostile.rs`), and anything unrecognised counts as malformed.
+fn classify_read_error(e: &axum::Error) -> ReadFailure {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<std::io::Error>() {
+            return ReadFailure::Gone;
+        }
+        source = err.source();
+    }
+    let text = e.to_string();
+    if text.contains("without closing handshake") || text.contains("closed connection") {
+        ReadFailure::Gone
+    } else if text.starts_with("Space limit exceeded") {
+        ReadFailure::Oversize
+    } else {
+        ReadFailure::Malformed
+    }
+}
+
+async fn run(socket: WebSocket, state: AppState, peer: PeerId) {
+    let metrics = state.metrics.clone();
+    metrics.connection();
     let (mut tx, mut rx) = socket.split();
     let write_limit = state.config.limits.idle_timeout();
     let registration = match state.broker.register(peer).await {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "registration failed");
+            metrics.broker_error(&e);
+            metrics.reject(Rejection::RegistrationFailed);
+            metrics.disconnect(Disconnect::RegistrationFailed);
+            tracing::warn!(error = %e, "registration failed");
             let _ = send_within(
                 &mut tx,
                 close(close_code::REGISTRATION_FAILED, "registration failed"),
@@ -67,9 +178,15 @@ async fn run(socket: WebSocket, state: AppState) {
             return;
         }
     };
-    let mut session = Session::new(peer, state.broker.clone(), registration);
-    tracing::debug!(%peer, "peer connected");
     let limits = &state.config.limits;
+    let mut session = Session::new(
+        peer,
+        state.broker.clone(),
+        registration,
+        metrics.clone(),
+        limits.max_json_depth,
+    );
+    tracing::info!("peer connected");
     let welcome = ServerMsg::Welcome {
         you: peer,
         ice_servers: state.config.ice_servers.clone(),
@@ -80,6 +197,12 @@ async fn run(socket: WebSocket, state: AppState) {
     let mut ping = interval(limits.ping_interval());
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
+    let mut bucket = TokenBucket::new(
+        limits.rate_limit_burst,
+        limits.rate_limit_per_sec,
+        std::time::Instant::now(),
+    );
+    let mut rate_limited: u32 = 0;
     let stopping = super::stopped(state.shutdown.clone());
     tokio::pin!(stopping);
 
@@ -95,15 +218,62 @@ async fn run(socket: WebSocket, state: AppState) {
                         break Exit::ClientGone;
                     }
                     Some(Err(e)) => {
-                        // Oversize messages surface here; the read side is unusable after it.
-                        tracing::debug!(%peer, error = %e, "socket read error");
-                        break Exit::Close(close_code::BAD_FRAME, "frame too large or malformed");
+                        // Oversize and malformed frames surface here; the read side is unusable
+                        // after any of them.
+                        let reason = match classify_read_error(&e) {
+                            ReadFailure::Gone => {
+                                tracing::debug!(error = %e, "socket ended without a close frame");
+                                break Exit::ClientGone;
+                            }
+                            ReadFailure::Oversize => Rejection::OversizeFrame,
+                            ReadFailure::Malformed => Rejection::BadFrame,
+                        };
+                        metrics.reject(reason);
+                        tracing::info!(reason = reason.label(), error = %e, "refused frame");
+                        break Exit::Close(
+                            close_code::BAD_FRAME,
+                            "frame too large or malformed",
+                            Disconnect::BadFrame,
+                        );
                     }
                     Some(Ok(Message::Binary(_))) => {
-                        break Exit::Close(close_code::BAD_FRAME, "binary frames are not accepted");
+                        metrics.reject(Rejection::BinaryFrame);
+                        tracing::info!("refused frame: binary");
+                        break Exit::Close(
+                            close_code::BAD_FRAME,
+                            "binary frames are not accepted",
+                            Disconnect::BadFrame,
+                        );
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Text(t))) => {
+                        metrics.message_received();
+                        if !bucket.try_take(std::time::Instant::now()) {
+                            metrics.reject(Rejection::RateLimited);
+                            rate_limited = rate_limited.saturating_add(1);
+                            if limits.rate_limit_close_after > 0
+                                && rate_limited >= limits.rate_limit_close_after
+                            {
+                                tracing::warn!(rejections = rate_limited, "rate limit exceeded persistently");
+                                break Exit::Close(
+                                    close_code::RATE_LIMITED,
+                                    "rate limit exceeded",
+                                    Disconnect::RateLimited,
+                                );
+                            }
+                            tracing::debug!(rejections = rate_limited, "message rate limited");
+                            let reply = ServerMsg::error(
+                                ErrorCode::RateLimited,
+                                format!(
+                                    "more than {} messages per second; slow down",
+                                    limits.rate_limit_per_sec
+                                ),
+                            );
+                            if !send_within(&mut tx, text(&reply), write_limit).await {
+                                break Exit::ClientGone;
+                            }
+                            continue;
+                        }
                         if let Some(reply) = session.handle(t.as_str(), limits.max_shares_per_peer).await {
                             if !send_within(&mut tx, text(&reply), write_limit).await {
                                 break Exit::ClientGone;
@@ -121,23 +291,49 @@ async fn run(socket: WebSocket, state: AppState) {
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > limits.idle_timeout() {
-                    break Exit::Close(close_code::IDLE_TIMEOUT, "idle timeout");
+                    metrics.reject(Rejection::IdleTimeout);
+                    break Exit::Close(close_code::IDLE_TIMEOUT, "idle timeout", Disconnect::IdleTimeout);
                 }
                 if !send_within(&mut tx, Message::Ping(Default::default()), write_limit).await {
                     break Exit::ClientGone;
                 }
             }
             _ = &mut stopping => {
-                break Exit::Close(close_code::RECONNECT, "server restarting, reconnect");
+                break Exit::Close(close_code::RECONNECT, "server restarting, reconnect", Disconnect::Shutdown);
             }
         }
     };
-    if let Exit::Close(code, reason) = exit {
-        tracing::debug!(%peer, code, reason, "closing socket");
-        let _ = send_within(&mut tx, close(code, reason), write_limit).await;
+    metrics.disconnect(exit.cause());
+    // Shares withdrawn, registration removed, introduced peers told; before any goodbye, which
+    // may take a while.
+    drop(session);
+    if let Exit::Close(code, reason, cause) = exit {
+        tracing::debug!(code, reason, "closing socket");
+        if send_within(&mut tx, close(code, reason), write_limit).await
+            && matches!(cause, Disconnect::RateLimited | Disconnect::BadFrame)
+        {
+            linger(&mut rx).await;
+        }
     }
-    tracing::debug!(%peer, "peer disconnected");
-    // `session` drops here: shares withdrawn, registration removed, introduced peers told.
+    tracing::info!(cause = exit.cause().label(), "peer disconnected");
+}
+
+/// How long a misbehaving client's input is drained after its close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// After closing on a client that flooded us, reads and drops what it already sent until its
+/// close reply, for at most [`CLOSE_LINGER`]. Dropping a TCP socket with unread input makes the
+/// kernel answer with a reset, which can destroy the close frame (and the code that says why)
+/// before the client reads it.
+async fn linger(rx: &mut SplitStream<WebSocket>) {
+    let drain = async {
+        while let Some(Ok(msg)) = rx.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    };
+    let _ = timeout(CLOSE_LINGER, drain).await;
 }
 
 /// One peer's state, owned by its socket task.
@@ -145,20 +341,39 @@ struct Session {
     peer: PeerId,
     broker: DynBroker,
     registration: Registration,
-    shares: Vec<ShareLease>,
+    /// Each lease with the guard that counts it in the `shares` gauge.
+    shares: Vec<(ShareLease, GaugeGuard)>,
     /// Peers this one may signal: introduced through a share, in either direction.
     introduced: HashSet<PeerId>,
+    metrics: Arc<Metrics>,
+    max_json_depth: usize,
+    /// Counts this peer in `peers_connected` for as long as the registration lives.
+    _connected: GaugeGuard,
 }
 
 impl Session {
-    fn new(peer: PeerId, broker: DynBroker, registration: Registration) -> Self {
+    fn new(
+        peer: PeerId,
+        broker: DynBroker,
+        registration: Registration,
+        metrics: Arc<Metrics>,
+        max_json_depth: usize,
+    ) -> Self {
         Self {
             peer,
             broker,
             registration,
             shares: Vec::new(),
             introduced: HashSet::new(),
+            _connected: metrics.track(Gauge::PeersConnected),
+            metrics,
+            max_json_depth,
         }
+    }
+
+    fn reject(&self, reason: Rejection) {
+        self.metrics.reject(reason);
+        tracing::debug!(reason = reason.label(), "refused message");
     }
 
     /// Tracks introductions from messages delivered to this peer.
@@ -176,14 +391,21 @@ impl Session {
 
     /// Handles one client text frame; the reply to send back, if any.
     async fn handle(&mut self, text: &str, max_shares: usize) -> Option<ServerMsg> {
-        let msg = match serde_json::from_str::<ClientMsg>(text) {
+        let msg = match decode_client_msg(text, self.max_json_depth) {
             Ok(m) => m,
-            Err(e) => return Some(ServerMsg::error(ErrorCode::BadMessage, e.to_string())),
+            Err(e) => {
+                self.reject(match e {
+                    DecodeError::TooDeep { .. } => Rejection::TooDeep,
+                    DecodeError::Invalid(_) => Rejection::BadMessage,
+                });
+                return Some(e.to_server_msg());
+            }
         };
         match msg {
             ClientMsg::Ping => Some(ServerMsg::Pong),
             ClientMsg::CreateShare => {
                 if self.shares.len() >= max_shares {
+                    self.reject(Rejection::TooManyShares);
                     return Some(ServerMsg::error(
                         ErrorCode::TooManyShares,
                         format!("at most {max_shares} shares per connection"),
@@ -192,22 +414,23 @@ impl Session {
                 Some(match self.broker.create_share(self.peer).await {
                     Ok(lease) => {
                         let share = lease.share.clone();
-                        self.shares.push(lease);
+                        self.metrics.share_created();
+                        self.shares.push((lease, self.metrics.track(Gauge::Shares)));
+                        tracing::debug!(shares = self.shares.len(), "share created");
                         ServerMsg::ShareCreated { share }
                     }
-                    Err(e) => broker_error(e),
+                    Err(e) => self.broker_error(e),
                 })
             }
+            // Share ids are capabilities: they stay out of the logs.
             ClientMsg::Join { share } => {
                 let owner = match self.broker.share_owner(&share).await {
                     Ok(Some(owner)) if owner != self.peer => owner,
-                    Ok(_) => {
-                        return Some(ServerMsg::error(
-                            ErrorCode::NoSuchShare,
-                            "this share is not available",
-                        ))
+                    Ok(_) => return Some(self.no_such_share()),
+                    Err(e) => {
+                        self.metrics.join(JoinOutcome::Error);
+                        return Some(self.broker_error(e));
                     }
-                    Err(e) => return Some(broker_error(e)),
                 };
                 let joined = ServerMsg::PeerJoined {
                     share: share.clone(),
@@ -216,20 +439,25 @@ impl Session {
                 match self.broker.publish(owner, joined).await {
                     Ok(()) => {
                         self.introduced.insert(owner);
+                        self.metrics.join(JoinOutcome::Ok);
+                        tracing::debug!(sender = %owner, "joined a share");
                         Some(ServerMsg::Joined {
                             share,
                             sender: owner,
                         })
                     }
-                    Err(BrokerError::UnknownPeer) => Some(ServerMsg::error(
-                        ErrorCode::NoSuchShare,
-                        "this share is not available",
-                    )),
-                    Err(e) => Some(broker_error(e)),
+                    Err(BrokerError::UnknownPeer) => Some(self.no_such_share()),
+                    Err(e) => {
+                        self.metrics.join(JoinOutcome::Error);
+                        Some(self.broker_error(e))
+                    }
                 }
             }
+            // The payload is opaque and never logged.
             ClientMsg::Signal { to, payload } => {
                 if !self.introduced.contains(&to) {
+                    self.reject(Rejection::UnknownPeer);
+                    tracing::debug!(%to, "signal to a peer not introduced");
                     return Some(unknown_peer(to));
                 }
                 let msg = ServerMsg::Signal {
@@ -237,10 +465,42 @@ impl Session {
                     payload,
                 };
                 match self.broker.publish(to, msg).await {
-                    Ok(()) => None,
-                    Err(BrokerError::UnknownPeer) => Some(unknown_peer(to)),
-                    Err(e) => Some(broker_error(e)),
+                    Ok(()) => {
+                        self.metrics.message_relayed();
+                        None
+                    }
+                    Err(BrokerError::UnknownPeer) => {
+                        self.reject(Rejection::UnknownPeer);
+                        Some(unknown_peer(to))
+                    }
+                    Err(e) => Some(self.broker_error(e)),
                 }
+            }
+        }
+    }
+
+    fn no_such_share(&self) -> ServerMsg {
+        self.metrics.join(JoinOutcome::NoSuchShare);
+        self.reject(Rejection::NoSuchShare);
+        ServerMsg::error(ErrorCode::NoSuchShare, "this share is not available")
+    }
+
+    /// Counts a broker failure and turns it into the client's error frame.
+    fn broker_error(&self, e: BrokerError) -> ServerMsg {
+        self.metrics.broker_error(&e);
+        match e {
+            BrokerError::UnknownPeer => {
+                self.reject(Rejection::UnknownPeer);
+                ServerMsg::error(ErrorCode::UnknownPeer, e.to_string())
+            }
+            BrokerError::PeerBusy => {
+                self.reject(Rejection::PeerBusy);
+                ServerMsg::error(ErrorCode::PeerBusy, e.to_string())
+            }
+            other => {
+                self.reject(Rejection::Internal);
+                tracing::error!(error = %other, "broker failure");
+                ServerMsg::error(ErrorCode::Internal, "broker failure")
             }
         }
     }
@@ -256,13 +516,19 @@ impl Drop for Session {
             return;
         };
         let broker = self.broker.clone();
+        let metrics = self.metrics.clone();
         let peer = self.peer;
         let targets: Vec<PeerId> = self.introduced.drain().collect();
-        rt.spawn(async move {
-            for to in targets {
-                let _ = broker.publish(to, ServerMsg::PeerLeft { peer }).await;
+        rt.spawn(
+            async move {
+                for to in targets {
+                    if let Err(e) = broker.publish(to, ServerMsg::PeerLeft { peer }).await {
+                        metrics.broker_error(&e);
+                    }
+                }
             }
-        });
+            .instrument(tracing::Span::current()),
+        );
     }
 }
 
@@ -273,13 +539,36 @@ fn unknown_peer(to: PeerId) -> ServerMsg {
     )
 }
 
-fn broker_error(e: BrokerError) -> ServerMsg {
-    match e {
-        BrokerError::UnknownPeer => ServerMsg::error(ErrorCode::UnknownPeer, e.to_string()),
-        BrokerError::PeerBusy => ServerMsg::error(ErrorCode::PeerBusy, e.to_string()),
-        other => {
-            tracing::error!(error = %other, "broker failure");
-            ServerMsg::error(ErrorCode::Internal, "broker failure")
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+
+    fn classify(e: WsError) -> ReadFailure {
+        classify_read_error(&axum::Error::new(e))
+    }
+
+    #[test]
+    fn read_errors_are_told_apart() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(classify(WsError::Io(reset)), ReadFailure::Gone);
+        assert_eq!(
+            classify(WsError::Protocol(
+                ProtocolError::ResetWithoutClosingHandshake
+            )),
+            ReadFailure::Gone
+        );
+        assert_eq!(
+            classify(WsError::Capacity(CapacityError::MessageTooLong {
+                size: 100_000,
+                max_size: 65_536
+            })),
+            ReadFailure::Oversize
+        );
+        assert_eq!(
+            classify(WsError::Protocol(ProtocolError::UnmaskedFrameFromClient)),
+            ReadFailure::Malformed
+        );
+        assert_eq!(classify(WsError::Utf8), ReadFailure::Malformed);
     }
 }

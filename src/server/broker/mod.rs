@@ -4,7 +4,9 @@
 //! One trait, one implementation per backend, chosen from config by URI scheme.
 
 mod memory;
+mod redis;
 
+pub use self::redis::{RedisBroker, RedisOptions};
 pub use memory::MemoryBroker;
 
 use crate::protocol::{PeerId, ServerMsg, ShareId};
@@ -19,7 +21,7 @@ pub enum BrokerError {
     PeerBusy,
     #[error("peer id already registered")]
     AlreadyRegistered,
-    #[error("unsupported broker URI {0:?} (expected memory://)")]
+    #[error("unsupported broker URI {0:?} (expected memory:// or redis://host:port)")]
     UnsupportedUri(String),
     #[error("backend: {0}")]
     Backend(String),
@@ -77,10 +79,18 @@ pub trait Broker: Send + Sync + 'static {
 
 pub type DynBroker = Arc<dyn Broker>;
 
-/// The backend named by `uri`.
-pub fn from_uri(uri: &str, inbox_capacity: usize) -> Result<DynBroker, BrokerError> {
+/// The backend named by `uri`: `memory://`, or `redis://host:port[/db]` (connects before it
+/// returns, so an unreachable Redis fails startup).
+pub async fn from_uri(uri: &str, inbox_capacity: usize) -> Result<DynBroker, BrokerError> {
     match uri.split_once("://") {
         Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(inbox_capacity))),
+        Some(("redis", rest)) if !rest.is_empty() => {
+            let options = RedisOptions {
+                inbox_capacity,
+                ..Default::default()
+            };
+            Ok(Arc::new(RedisBroker::connect(uri, options).await?))
+        }
         _ => Err(BrokerError::UnsupportedUri(uri.to_owned())),
     }
 }
@@ -89,12 +99,25 @@ pub fn from_uri(uri: &str, inbox_capacity: usize) -> Result<DynBroker, BrokerErr
 mod tests {
     use super::*;
 
-    #[test]
-    fn backend_is_chosen_by_scheme() {
-        assert!(from_uri("memory://", 8).is_ok());
-        assert_eq!(
-            from_uri("carrier-pigeon://x", 8).err(),
-            Some(BrokerError::UnsupportedUri("carrier-pigeon://x".into()))
-        );
+    #[tokio::test]
+    async fn backend_is_chosen_by_scheme() {
+        assert!(from_uri("memory://", 8).await.is_ok());
+        for uri in [
+            "carrier-pigeon://x",
+            "redis://",
+            "memory://x",
+            "rediss://h:1",
+        ] {
+            assert_eq!(
+                from_uri(uri, 8).await.err(),
+                Some(BrokerError::UnsupportedUri(uri.into())),
+                "{uri}"
+            );
+        }
+        // A redis URI is accepted by scheme, then must connect: nothing listens on port 1.
+        assert!(matches!(
+            from_uri("redis://127.0.0.1:1", 8).await.err(),
+            Some(BrokerError::Backend(_))
+        ));
     }
 }

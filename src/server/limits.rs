@@ -1,0 +1,302 @@
+//! Admission and pacing for hostile clients: the Origin check and the per-IP connection cap (both
+//! before the WebSocket upgrade), and the per-connection token bucket on client messages.
+
+use dashmap::{mapref::entry::Entry, DashMap};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A token bucket: `burst` messages at once, refilled at `per_sec`. Owned by one socket task, so
+/// it needs no synchronisation. `per_sec == 0` (or `burst == 0`) disables it.
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    per_sec: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(burst: u32, per_sec: u32, now: Instant) -> Self {
+        Self {
+            capacity: f64::from(burst),
+            per_sec: f64::from(per_sec),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    fn enabled(&self) -> bool {
+        self.capacity > 0.0 && self.per_sec > 0.0
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        if !self.enabled() {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Concurrent sockets per client address, capped. One sharded map; each acquire and release is
+/// one entry operation, so the check and the increment cannot race.
+#[derive(Debug)]
+pub struct IpConnections {
+    cap: usize,
+    counts: DashMap<IpAddr, usize>,
+}
+
+/// One counted connection (nothing, when the cap is off); dropping it gives the slot back.
+#[derive(Debug)]
+pub struct IpSlot(Option<(Arc<IpConnections>, IpAddr)>);
+
+impl IpConnections {
+    /// `cap == 0` means unlimited (nothing is tracked).
+    pub fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cap,
+            counts: DashMap::new(),
+        })
+    }
+
+    /// A slot for `ip`, or `None` when it already has `cap` sockets open.
+    pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        if self.cap == 0 {
+            return Some(IpSlot(None));
+        }
+        let key = ip_key(ip);
+        match self.counts.entry(key) {
+            Entry::Occupied(mut e) => {
+                if *e.get() >= self.cap {
+                    return None;
+                }
+                *e.get_mut() += 1;
+            }
+            Entry::Vacant(e) => {
+                e.insert(1);
+            }
+        }
+        Some(IpSlot(Some((self.clone(), key))))
+    }
+
+    /// Open sockets counted for `ip` right now.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.counts.get(&ip_key(ip)).map_or(0, |c| *c)
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let Some((table, key)) = &self.0 else {
+            return;
+        };
+        if let Entry::Occupied(mut e) = table.counts.entry(*key) {
+            if *e.get() <= 1 {
+                e.remove();
+            } else {
+                *e.get_mut() -= 1;
+            }
+        }
+    }
+}
+
+/// The address a cap applies to: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by its /64, since one
+/// host commonly holds a whole /64.
+fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+        v4 => v4,
+    }
+}
+
+/// Whether a browser page from `origin` may open the socket.
+///
+/// No `Origin` header: not a browser (or a same-origin request from an old one), allowed. Else the
+/// origin's `host[:port]` must equal the request's `Host` (the page was served by this server,
+/// whatever the scheme a TLS proxy put in front), or the origin must be listed in `allowed`
+/// (exactly, ignoring case and a trailing `/`), or `allowed` contains `"*"`.
+pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[String]) -> bool {
+    let Some(origin) = origin else {
+        return true;
+    };
+    let origin = origin.trim().trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.trim().trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        return true;
+    }
+    let Some((scheme, authority)) = origin.split_once("://") else {
+        return false; // "null" (sandboxed frames, file://) and garbage
+    };
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+        return false;
+    }
+    let Some(host) = host.map(str::trim).filter(|h| !h.is_empty()) else {
+        return false;
+    };
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => ":80",
+        "https" | "wss" => ":443",
+        _ => return false,
+    };
+    let normalize = |s: &str| {
+        let s = s.to_ascii_lowercase();
+        match s.strip_suffix(default_port) {
+            Some(bare) => bare.to_owned(),
+            None => s,
+        }
+    };
+    normalize(authority) == normalize(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_sustained_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(5, 2, t0);
+        assert!((0..5).all(|_| b.try_take(t0)));
+        assert!(!b.try_take(t0));
+        // Half a second refills one token at 2/s.
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(b.try_take(t1));
+        assert!(!b.try_take(t1));
+        // A long pause refills to the burst, never beyond.
+        let t2 = t1 + Duration::from_secs(60);
+        assert!((0..5).all(|_| b.try_take(t2)));
+        assert!(!b.try_take(t2));
+        // A clock that seems to go backwards adds nothing.
+        assert!(!b.try_take(t0));
+    }
+
+    #[test]
+    fn a_zero_rate_or_burst_disables_the_bucket() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(50, 0, t0);
+        assert!((0..1000).all(|_| b.try_take(t0)));
+        let mut b = TokenBucket::new(0, 20, t0);
+        assert!((0..1000).all(|_| b.try_take(t0)));
+    }
+
+    #[test]
+    fn ip_cap_counts_and_releases() {
+        let table = IpConnections::new(2);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        let a = table.try_acquire(ip).unwrap();
+        let b = table.try_acquire(ip).unwrap();
+        assert!(table.try_acquire(ip).is_none());
+        // The IPv4-mapped form is the same client.
+        assert!(table
+            .try_acquire("::ffff:192.0.2.7".parse().unwrap())
+            .is_none());
+        let c = table.try_acquire(other).unwrap();
+        assert_eq!(table.count(ip), 2);
+        drop(a);
+        assert_eq!(table.count(ip), 1);
+        let a = table.try_acquire(ip).unwrap();
+        drop((a, b, c));
+        assert_eq!(table.count(ip), 0);
+        assert!(table.counts.is_empty(), "released entries are removed");
+    }
+
+    #[test]
+    fn ipv6_clients_are_capped_per_64() {
+        let table = IpConnections::new(1);
+        let _a = table
+            .try_acquire("2001:db8:1:2::1".parse().unwrap())
+            .unwrap();
+        assert!(table
+            .try_acquire("2001:db8:1:2:ffff::9".parse().unwrap())
+            .is_none());
+        assert!(table
+            .try_acquire("2001:db8:1:3::1".parse().unwrap())
+            .is_some());
+    }
+
+    #[test]
+    fn a_zero_cap_is_unlimited() {
+        let table = IpConnections::new(0);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let slots: Vec<_> = (0..1000).map(|_| table.try_acquire(ip).unwrap()).collect();
+        assert!(slots.iter().all(|s| s.0.is_none()));
+        assert_eq!(table.count(ip), 0);
+    }
+
+    #[test]
+    fn origin_rules() {
+        let none: &[String] = &[];
+        let host = Some("127.0.0.1:3000");
+        // Non-browser clients send no Origin.
+        assert!(origin_allowed(None, host, none));
+        assert!(origin_allowed(None, None, none));
+        // Same origin, as the page served by this server sends it.
+        assert!(origin_allowed(Some("http://127.0.0.1:3000"), host, none));
+        assert!(origin_allowed(Some("HTTP://127.0.0.1:3000/"), host, none));
+        // Behind a TLS proxy: the scheme differs, default ports are implied.
+        assert!(origin_allowed(
+            Some("https://drop.example.org"),
+            Some("drop.example.org"),
+            none
+        ));
+        assert!(origin_allowed(
+            Some("https://Drop.Example.org"),
+            Some("drop.example.org:443"),
+            none
+        ));
+        assert!(origin_allowed(
+            Some("http://[::1]:3000"),
+            Some("[::1]:3000"),
+            none
+        ));
+        // Other origins.
+        assert!(!origin_allowed(Some("http://127.0.0.1:3001"), host, none));
+        assert!(!origin_allowed(Some("http://localhost:3000"), host, none));
+        assert!(!origin_allowed(Some("https://evil.example"), host, none));
+        assert!(!origin_allowed(
+            Some("http://127.0.0.1:3000.evil.example"),
+            host,
+            none
+        ));
+        assert!(!origin_allowed(
+            Some("http://evil@127.0.0.1:3000"),
+            host,
+            none
+        ));
+        assert!(!origin_allowed(Some("null"), host, none));
+        assert!(!origin_allowed(Some(""), host, none));
+        assert!(!origin_allowed(Some("ftp://127.0.0.1:3000"), host, none));
+        assert!(!origin_allowed(Some("http://127.0.0.1:3000"), None, none));
+        // Listed origins, and the wildcard.
+        let listed = vec!["https://drop.example.org/".to_string()];
+        assert!(origin_allowed(
+            Some("https://drop.example.org"),
+            host,
+            &listed
+        ));
+        assert!(!origin_allowed(
+            Some("http://drop.example.org"),
+            host,
+            &listed
+        ));
+        let any = vec!["*".to_string()];
+        assert!(origin_allowed(Some("https://anything.example"), host, &any));
+        assert!(origin_allowed(Some("null"), host, &any));
+    }
+}

@@ -1,0 +1,366 @@
+//! Broker metrics: plain atomics (no lock anywhere), rendered as Prometheus text at `/metrics`.
+//!
+//! Every refusal the server makes is counted once in `beamdrop_rejections_total{reason}`, whether
+//! it happened before the upgrade (origin, per-IP cap), on a frame (oversize, binary, too deep,
+//! bad message, rate limit) or in the broker (unknown peer, no such share, busy inbox).
+
+use super::broker::BrokerError;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+/// Declares a label enum with its Prometheus label values, in declaration order.
+macro_rules! labels {
+    ($(#[$meta:meta])* $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident => $label:literal),+ $(,)?
+    }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            pub const COUNT: usize = $name::ALL.len();
+
+            pub fn label(self) -> &'static str {
+                match self { $($name::$variant => $label),+ }
+            }
+        }
+    };
+}
+
+labels! {
+    /// Why the server refused a connection, a frame or a message.
+    Rejection {
+        BadMessage => "bad_message",
+        TooDeep => "too_deep",
+        RateLimited => "rate_limited",
+        UnknownPeer => "unknown_peer",
+        NoSuchShare => "no_such_share",
+        PeerBusy => "peer_busy",
+        TooManyShares => "too_many_shares",
+        Internal => "internal",
+        OversizeFrame => "oversize_frame",
+        BinaryFrame => "binary_frame",
+        /// A WebSocket protocol violation (unmasked frame, invalid UTF-8 text...).
+        BadFrame => "bad_frame",
+        Origin => "origin",
+        IpCap => "ip_cap",
+        IdleTimeout => "idle_timeout",
+        RegistrationFailed => "registration_failed",
+    }
+}
+
+labels! {
+    /// How a socket session ended.
+    Disconnect {
+        /// The client closed, vanished or stopped reading.
+        Client => "client",
+        IdleTimeout => "idle_timeout",
+        BadFrame => "bad_frame",
+        RateLimited => "rate_limited",
+        Shutdown => "shutdown",
+        RegistrationFailed => "registration_failed",
+    }
+}
+
+labels! {
+    /// What became of a `join`.
+    JoinOutcome {
+        Ok => "ok",
+        NoSuchShare => "no_such_share",
+        Error => "error",
+    }
+}
+
+/// Gauges kept up by [`GaugeGuard`]s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gauge {
+    PeersConnected,
+    Shares,
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    peers_connected: AtomicI64,
+    shares: AtomicI64,
+    connections: AtomicU64,
+    messages_received: AtomicU64,
+    messages_relayed: AtomicU64,
+    shares_created: AtomicU64,
+    backend_errors: AtomicU64,
+    rejections: [AtomicU64; Rejection::COUNT],
+    disconnects: [AtomicU64; Disconnect::COUNT],
+    joins: [AtomicU64; JoinOutcome::COUNT],
+}
+
+/// Holds a gauge up by one while it lives: dropped on every exit path, panics and aborts included.
+#[derive(Debug)]
+pub struct GaugeGuard {
+    metrics: Arc<Metrics>,
+    gauge: Gauge,
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.metrics.gauge(self.gauge).fetch_sub(1, Relaxed);
+    }
+}
+
+impl Metrics {
+    fn gauge(&self, gauge: Gauge) -> &AtomicI64 {
+        match gauge {
+            Gauge::PeersConnected => &self.peers_connected,
+            Gauge::Shares => &self.shares,
+        }
+    }
+
+    /// Raises `gauge` until the returned guard drops.
+    pub fn track(self: &Arc<Self>, gauge: Gauge) -> GaugeGuard {
+        self.gauge(gauge).fetch_add(1, Relaxed);
+        GaugeGuard {
+            metrics: self.clone(),
+            gauge,
+        }
+    }
+
+    pub fn reject(&self, reason: Rejection) {
+        self.rejections[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn disconnect(&self, cause: Disconnect) {
+        self.disconnects[cause as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn join(&self, outcome: JoinOutcome) {
+        self.joins[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A WebSocket upgrade was accepted.
+    pub fn connection(&self) {
+        self.connections.fetch_add(1, Relaxed);
+    }
+
+    /// A text frame arrived from a client.
+    pub fn message_received(&self) {
+        self.messages_received.fetch_add(1, Relaxed);
+    }
+
+    /// A signal was handed to the broker for its target.
+    pub fn message_relayed(&self) {
+        self.messages_relayed.fetch_add(1, Relaxed);
+    }
+
+    pub fn share_created(&self) {
+        self.shares_created.fetch_add(1, Relaxed);
+    }
+
+    /// Counts backplane failures (`BrokerError::Backend`); other broker errors are rejections.
+    pub fn broker_error(&self, e: &BrokerError) {
+        if matches!(e, BrokerError::Backend(_)) {
+            self.backend_errors.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn rejections(&self, reason: Rejection) -> u64 {
+        self.rejections[reason as usize].load(Relaxed)
+    }
+
+    pub fn disconnects(&self, cause: Disconnect) -> u64 {
+        self.disconnects[cause as usize].load(Relaxed)
+    }
+
+    pub fn joins(&self, outcome: JoinOutcome) -> u64 {
+        self.joins[outcome as usize].load(Relaxed)
+    }
+
+    pub fn gauge_value(&self, gauge: Gauge) -> i64 {
+        self.gauge(gauge).load(Relaxed)
+    }
+
+    pub fn backend_errors(&self) -> u64 {
+        self.backend_errors.load(Relaxed)
+    }
+
+    pub fn messages_relayed(&self) -> u64 {
+        self.messages_relayed.load(Relaxed)
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut single = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        };
+        single(
+            "beamdrop_peers_connected",
+            "gauge",
+            "Peers with a registered signaling socket on this node.",
+            self.peers_connected.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_shares",
+            "gauge",
+            "Live shares owned by peers on this node.",
+            self.shares.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_connections_total",
+            "counter",
+            "WebSocket upgrades accepted.",
+            self.connections.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_messages_received_total",
+            "counter",
+            "Text frames received from clients.",
+            self.messages_received.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_messages_relayed_total",
+            "counter",
+            "Signals handed to the broker for their target.",
+            self.messages_relayed.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_shares_created_total",
+            "counter",
+            "Shares created.",
+            self.shares_created.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_backend_errors_total",
+            "counter",
+            "Broker backend (backplane) failures.",
+            self.backend_errors.load(Relaxed).to_string(),
+        );
+        labelled(
+            &mut out,
+            "beamdrop_rejections_total",
+            "Connections, frames and messages refused, by reason.",
+            "reason",
+            Rejection::ALL
+                .iter()
+                .map(|r| (r.label(), self.rejections(*r))),
+        );
+        labelled(
+            &mut out,
+            "beamdrop_disconnects_total",
+            "Socket sessions ended, by cause.",
+            "cause",
+            Disconnect::ALL
+                .iter()
+                .map(|d| (d.label(), self.disconnects(*d))),
+        );
+        labelled(
+            &mut out,
+            "beamdrop_joins_total",
+            "Share joins, by outcome.",
+            "outcome",
+            JoinOutcome::ALL.iter().map(|j| (j.label(), self.joins(*j))),
+        );
+        out
+    }
+}
+
+fn labelled<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, count) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_enums_index_their_arrays() {
+        for (i, r) in Rejection::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        for (i, d) in Disconnect::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i);
+        }
+        for (i, j) in JoinOutcome::ALL.iter().enumerate() {
+            assert_eq!(*j as usize, i);
+        }
+    }
+
+    #[test]
+    fn gauges_follow_their_guards() {
+        let m = Arc::new(Metrics::default());
+        let a = m.track(Gauge::PeersConnected);
+        let b = m.track(Gauge::PeersConnected);
+        let s = m.track(Gauge::Shares);
+        assert_eq!(m.gauge_value(Gauge::PeersConnected), 2);
+        assert_eq!(m.gauge_value(Gauge::Shares), 1);
+        drop(a);
+        drop(s);
+        assert_eq!(m.gauge_value(Gauge::PeersConnected), 1);
+        assert_eq!(m.gauge_value(Gauge::Shares), 0);
+        drop(b);
+        assert_eq!(m.gauge_value(Gauge::PeersConnected), 0);
+    }
+
+    #[test]
+    fn only_backend_errors_count_as_backend_errors() {
+        let m = Metrics::default();
+        m.broker_error(&BrokerError::UnknownPeer);
+        m.broker_error(&BrokerError::PeerBusy);
+        assert_eq!(m.backend_errors(), 0);
+        m.broker_error(&BrokerError::Backend("connection refused".into()));
+        assert_eq!(m.backend_errors(), 1);
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Arc::new(Metrics::default());
+        let _peer = m.track(Gauge::PeersConnected);
+        m.reject(Rejection::BadMessage);
+        m.reject(Rejection::BadMessage);
+        m.reject(Rejection::IpCap);
+        m.disconnect(Disconnect::RateLimited);
+        m.join(JoinOutcome::NoSuchShare);
+        m.message_relayed();
+        let text = m.render();
+        for line in [
+            "# TYPE beamdrop_peers_connected gauge",
+            "beamdrop_peers_connected 1",
+            "beamdrop_shares 0",
+            "beamdrop_messages_relayed_total 1",
+            "# TYPE beamdrop_rejections_total counter",
+            "beamdrop_rejections_total{reason=\"bad_message\"} 2",
+            "beamdrop_rejections_total{reason=\"ip_cap\"} 1",
+            "beamdrop_rejections_total{reason=\"too_deep\"} 0",
+            "beamdrop_disconnects_total{cause=\"rate_limited\"} 1",
+            "beamdrop_joins_total{outcome=\"no_such_share\"} 1",
+            "beamdrop_backend_errors_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line is `name[{labels}] value`, and every metric has HELP and TYPE.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("beamdrop_"), "{l}");
+            value.parse::<i64>().unwrap();
+        }
+        assert_eq!(
+            text.matches("# HELP ").count(),
+            text.matches("# TYPE ").count()
+        );
+        assert!(text.ends_with('\n'));
+    }
+}

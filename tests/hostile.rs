@@ -1,0 +1,632 @@
+//! Hostile clients and observability, over real sockets: deep JSON, floods, too many sockets from
+//! one address, foreign origins; `/metrics` counting every refusal, `/healthz` readiness.
+//!
+//! Run with `cargo test --features ssr --test hostile`.
+
+use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, PeerId, ServerMsg, ShareId};
+use beamdrop::server::config::{Config, Limits};
+use beamdrop::server::{start, RunningServer};
+use futures::{SinkExt, StreamExt};
+use leptos::prelude::LeptosOptions;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How long any single expected event may take before the test fails instead of hanging.
+const STEP: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn config() -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    }
+}
+
+async fn server_with(config: Config) -> RunningServer {
+    let options = LeptosOptions::builder().output_name("beamdrop").build();
+    start(config, options).await.expect("server starts")
+}
+
+async fn stop(server: RunningServer) {
+    timeout(STEP, server.shutdown())
+        .await
+        .expect("shutdown finishes in time")
+        .expect("shutdown returns Ok");
+}
+
+/// WebSocket handshake on `/ws`, optionally as a browser page from `origin` would.
+async fn open_from(addr: SocketAddr, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", HeaderValue::from_str(origin).unwrap());
+    }
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let (ws, _response) = tokio_tungstenite::client_async(request, tcp).await?;
+        Ok(ws)
+    };
+    timeout(STEP, attempt).await.expect("handshake in time")
+}
+
+/// Reads the Welcome off a fresh socket.
+async fn welcome(mut ws: Ws) -> (Ws, PeerId) {
+    match recv(&mut ws).await {
+        ServerMsg::Welcome { you, .. } => (ws, you),
+        other => panic!("first message must be Welcome, got {other:?}"),
+    }
+}
+
+async fn connect(addr: SocketAddr) -> (Ws, PeerId) {
+    welcome(open_from(addr, None).await.expect("websocket handshake")).await
+}
+
+/// The HTTP status a refused handshake got.
+fn refused_status(result: Result<Ws, tungstenite::Error>) -> u16 {
+    match result {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, the handshake succeeded"),
+    }
+}
+
+async fn send_text(ws: &mut Ws, text: String) {
+    timeout(STEP, ws.send(Message::text(text)))
+        .await
+        .expect("send in time")
+        .expect("send succeeds");
+}
+
+async fn send(ws: &mut Ws, msg: &ClientMsg) {
+    send_text(ws, serde_json::to_string(msg).unwrap()).await;
+}
+
+/// The next server message, skipping ping/pong frames; panics on anything else or after [`STEP`].
+async fn recv(ws: &mut Ws) -> ServerMsg {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no server message within {STEP:?}"));
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                return serde_json::from_str(t.as_str())
+                    .unwrap_or_else(|e| panic!("not a ServerMsg: {t:?}: {e}"))
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn expect_error(ws: &mut Ws, code: ErrorCode) {
+    match recv(ws).await {
+        ServerMsg::Error { code: got, .. } if got == code => {}
+        other => panic!("expected Error {{ code: {code:?} }}, got {other:?}"),
+    }
+}
+
+async fn ping_pong(ws: &mut Ws) {
+    send(ws, &ClientMsg::Ping).await;
+    assert_eq!(recv(ws).await, ServerMsg::Pong);
+}
+
+/// What a client saw from the moment it stopped sending until the connection ended.
+#[derive(Debug, Default)]
+struct Tail {
+    pongs: usize,
+    rate_limited: usize,
+    /// The close frame's code; `None` if the stream ended without one.
+    close: Option<u16>,
+}
+
+async fn read_to_end(ws: &mut Ws) -> Tail {
+    let deadline = Instant::now() + STEP;
+    let mut tail = Tail::default();
+    loop {
+        let frame = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("connection still open after {STEP:?}: {tail:?}"));
+        match frame {
+            Some(Ok(Message::Text(t))) => match serde_json::from_str(t.as_str()).unwrap() {
+                ServerMsg::Pong => tail.pongs += 1,
+                ServerMsg::Error {
+                    code: ErrorCode::RateLimited,
+                    ..
+                } => tail.rate_limited += 1,
+                other => panic!("unexpected {other:?}"),
+            },
+            Some(Ok(Message::Close(frame))) => {
+                tail.close = frame.map(|f| u16::from(f.code));
+                return tail;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return tail,
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET: (status, content type, body).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        raw
+    };
+    let raw = timeout(STEP, attempt).await.expect("HTTP response in time");
+    let text = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "this helper reads only fixed-length bodies: {head}"
+    );
+    (status, content_type, body.to_owned())
+}
+
+/// One sample from `/metrics`, by its full name with labels, e.g.
+/// `beamdrop_rejections_total{reason="bad_message"}`.
+async fn metric(addr: SocketAddr, sample: &str) -> i64 {
+    let (status, _, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} in\n{body}"))
+}
+
+/// The sum of `beamdrop_rejections_total` over all reasons.
+async fn all_rejections(addr: SocketAddr) -> i64 {
+    let (_, _, body) = http_get(addr, "/metrics").await;
+    body.lines()
+        .filter(|l| l.starts_with("beamdrop_rejections_total{"))
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse::<i64>().unwrap())
+        .sum()
+}
+
+/// A WebSocket client on raw TCP, for frames no library would send. Returns after the 101.
+async fn open_raw(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = timeout(STEP, tcp.read(&mut byte)).await.unwrap().unwrap();
+        assert!(n > 0, "server closed during the handshake");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// Reads raw frames until the server's close frame; its code (`None` if the stream just ends).
+async fn raw_close_code(tcp: &mut TcpStream) -> Option<u16> {
+    let mut buf = Vec::new();
+    let read_all = async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tcp.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    timeout(STEP, read_all)
+        .await
+        .expect("the server ends the connection");
+    // Server frames are unmasked; walk them to the close frame (opcode 8).
+    let mut at = 0;
+    while at + 2 <= buf.len() {
+        let opcode = buf[at] & 0x0f;
+        let (len, header) = match buf[at + 1] & 0x7f {
+            126 => (u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize, 4),
+            127 => panic!("no server frame here is that large"),
+            n => (n as usize, 2),
+        };
+        let payload = &buf[at + header..(at + header + len).min(buf.len())];
+        if opcode == 8 && payload.len() >= 2 {
+            return Some(u16::from_be_bytes([payload[0], payload[1]]));
+        }
+        at += header + len;
+    }
+    None
+}
+
+fn rejections(reason: &str) -> String {
+    format!("beamdrop_rejections_total{{reason=\"{reason}\"}}")
+}
+
+/// Polls `/metrics` until `sample` reaches `want` (gauges settle after a socket task ends).
+async fn metric_reaches(addr: SocketAddr, sample: &str, want: i64) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let got = metric(addr, sample).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sample} is {got}, expected {want}"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_json_is_refused_before_parsing_and_the_connection_survives() {
+    let server = server_with(config()).await;
+    let (mut ws, _) = connect(server.addr).await;
+    let depth = Limits::default().max_json_depth;
+    let nested = |n: usize| {
+        format!(
+            r#"{{"type":"ping","x":{}{}}}"#,
+            "[".repeat(n),
+            "]".repeat(n)
+        )
+    };
+
+    // Within the limit: unknown fields are ignored, so this is still a Ping.
+    send_text(&mut ws, nested(depth - 1)).await;
+    assert_eq!(recv(&mut ws).await, ServerMsg::Pong);
+
+    // One level deeper; a 60 KiB bracket bomb (far past serde_json's own recursion limit); an
+    // unterminated one; objects instead of arrays.
+    let bombs = [
+        nested(depth),
+        "[".repeat(30 * 1024) + &"]".repeat(30 * 1024),
+        "[".repeat(60 * 1024),
+        r#"{"a":"#.repeat(depth + 1),
+    ];
+    for bomb in &bombs {
+        send_text(&mut ws, bomb.clone()).await;
+        expect_error(&mut ws, ErrorCode::BadMessage).await;
+    }
+    // Brackets inside strings are payload, not nesting.
+    let payload = "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[{{{{{{{{{{{{{{{{{{\\\"";
+    send_text(&mut ws, format!(r#"{{"type":"ping","x":"{payload}"}}"#)).await;
+    assert_eq!(recv(&mut ws).await, ServerMsg::Pong);
+
+    ping_pong(&mut ws).await;
+    assert_eq!(metric(server.addr, &rejections("too_deep")).await, 4);
+    assert_eq!(metric(server.addr, &rejections("bad_message")).await, 0);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_is_rate_limited_then_closed_and_a_paced_client_recovers() {
+    let server = server_with(Config {
+        limits: Limits {
+            rate_limit_burst: 5,
+            rate_limit_per_sec: 2,
+            rate_limit_close_after: 10,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+
+    // Lock-step: a burst of 5 is answered, the next messages get `rate_limited`.
+    let (mut paced, _) = connect(addr).await;
+    let started = Instant::now();
+    let (mut pongs, mut limited) = (0, 0);
+    for _ in 0..8 {
+        send(&mut paced, &ClientMsg::Ping).await;
+        match recv(&mut paced).await {
+            ServerMsg::Pong => pongs += 1,
+            ServerMsg::Error {
+                code: ErrorCode::RateLimited,
+                ..
+            } => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // At 2/s, a token may have come back if the loop was slow.
+    let refilled = (started.elapsed().as_secs_f64() * 2.0) as usize;
+    assert!(
+        (5..=5 + refilled).contains(&pongs) && limited == 8 - pongs,
+        "{pongs} pongs, {limited} rate limited"
+    );
+    // Slowing down is enough: the bucket refills and the connection was never in danger.
+    sleep(Duration::from_millis(600)).await;
+    ping_pong(&mut paced).await;
+
+    // A flood: everything at once, nothing read until the end. The burst is answered, 9 messages
+    // get `rate_limited`, the 10th refusal closes the socket with a code that says why.
+    let (mut flood, _) = connect(addr).await;
+    for _ in 0..60 {
+        send(&mut flood, &ClientMsg::Ping).await;
+    }
+    let tail = read_to_end(&mut flood).await;
+    assert_eq!(tail.close, Some(close_code::RATE_LIMITED), "{tail:?}");
+    assert_eq!(tail.rate_limited, 9, "{tail:?}");
+    assert!((5..=6).contains(&tail.pongs), "{tail:?}");
+
+    // The flood cost only the flooder its connection.
+    sleep(Duration::from_millis(600)).await;
+    ping_pong(&mut paced).await;
+    let limited_total = metric(addr, &rejections("rate_limited")).await;
+    assert_eq!(limited_total, limited as i64 + 10);
+    assert_eq!(
+        metric(addr, "beamdrop_disconnects_total{cause=\"rate_limited\"}").await,
+        1
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_ip_cap_are_refused_with_429() {
+    let server = server_with(Config {
+        limits: Limits {
+            max_connections_per_ip: 3,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(connect(addr).await.0);
+    }
+    assert_eq!(refused_status(open_from(addr, None).await), 429);
+    assert_eq!(refused_status(open_from(addr, None).await), 429);
+
+    // The first ones are unaffected.
+    for ws in &mut clients {
+        ping_pong(ws).await;
+    }
+
+    // A slot comes back when a socket's task ends.
+    let mut gone = clients.pop().unwrap();
+    timeout(STEP, gone.close(None)).await.unwrap().unwrap();
+    let deadline = Instant::now() + STEP;
+    let (mut again, _) = loop {
+        match open_from(addr, None).await {
+            Ok(ws) => break welcome(ws).await,
+            Err(tungstenite::Error::Http(r)) if r.status() == 429 => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the closed socket's slot never came back"
+                );
+                sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("unexpected handshake error {e}"),
+        }
+    };
+    ping_pong(&mut again).await;
+    assert_eq!(refused_status(open_from(addr, None).await), 429);
+
+    let refused = metric(addr, &rejections("ip_cap")).await;
+    assert!(refused >= 3, "ip_cap rejections: {refused}");
+    metric_reaches(addr, "beamdrop_peers_connected", 3).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_origins_get_403_and_the_pages_own_origin_is_accepted() {
+    let server = server_with(Config {
+        allowed_origins: vec!["https://drop.example.org".into()],
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+
+    let foreign = [
+        "https://evil.example".to_string(),
+        format!("http://127.0.0.1:{}", addr.port().wrapping_add(1).max(1)),
+        format!("http://localhost:{}", addr.port()),
+        "null".to_string(),
+    ];
+    for origin in &foreign {
+        assert_eq!(
+            refused_status(open_from(addr, Some(origin)).await),
+            403,
+            "Origin: {origin}"
+        );
+    }
+
+    // The page's own origin (what the browser sends for pages this server served), a listed
+    // origin, and no Origin at all (not a browser).
+    for origin in [
+        Some(format!("http://{addr}")),
+        Some("https://drop.example.org".into()),
+        None,
+    ] {
+        let ws = open_from(addr, origin.as_deref())
+            .await
+            .unwrap_or_else(|e| panic!("Origin {origin:?} refused: {e}"));
+        let (mut ws, _) = welcome(ws).await;
+        ping_pong(&mut ws).await;
+    }
+    assert_eq!(
+        metric(addr, &rejections("origin")).await,
+        foreign.len() as i64
+    );
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_traffic_and_every_rejection() {
+    let server = server_with(config()).await;
+    let addr = server.addr;
+
+    let (status, content_type, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    assert!(
+        body.contains("# TYPE beamdrop_rejections_total counter"),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE beamdrop_peers_connected gauge"),
+        "{body}"
+    );
+
+    let (mut a, a_id) = connect(addr).await;
+    let (mut b, b_id) = connect(addr).await;
+    metric_reaches(addr, "beamdrop_peers_connected", 2).await;
+
+    // A bad message, a signal to a stranger, a join of a share that does not exist.
+    send_text(&mut b, "{not json".into()).await;
+    expect_error(&mut b, ErrorCode::BadMessage).await;
+    send(
+        &mut b,
+        &ClientMsg::Signal {
+            to: a_id,
+            payload: "hi".into(),
+        },
+    )
+    .await;
+    expect_error(&mut b, ErrorCode::UnknownPeer).await;
+    let missing: ShareId = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    send(&mut b, &ClientMsg::Join { share: missing }).await;
+    expect_error(&mut b, ErrorCode::NoSuchShare).await;
+    assert!(metric(addr, &rejections("bad_message")).await >= 1);
+    assert_eq!(metric(addr, &rejections("unknown_peer")).await, 1);
+    assert_eq!(metric(addr, &rejections("no_such_share")).await, 1);
+    assert_eq!(
+        metric(addr, "beamdrop_joins_total{outcome=\"no_such_share\"}").await,
+        1
+    );
+
+    // A share, a join and a relayed signal.
+    send(&mut a, &ClientMsg::CreateShare).await;
+    let ServerMsg::ShareCreated { share } = recv(&mut a).await else {
+        panic!("expected ShareCreated");
+    };
+    assert_eq!(metric(addr, "beamdrop_shares").await, 1);
+    send(&mut b, &ClientMsg::Join { share }).await;
+    assert!(matches!(recv(&mut b).await, ServerMsg::Joined { .. }));
+    assert!(matches!(recv(&mut a).await, ServerMsg::PeerJoined { .. }));
+    send(
+        &mut b,
+        &ClientMsg::Signal {
+            to: a_id,
+            payload: "offer".into(),
+        },
+    )
+    .await;
+    assert_eq!(
+        recv(&mut a).await,
+        ServerMsg::Signal {
+            from: b_id,
+            payload: "offer".into()
+        }
+    );
+    assert_eq!(
+        metric(addr, "beamdrop_joins_total{outcome=\"ok\"}").await,
+        1
+    );
+    assert_eq!(metric(addr, "beamdrop_messages_relayed_total").await, 1);
+    assert_eq!(metric(addr, "beamdrop_connections_total").await, 2);
+
+    // A binary frame closes B; the sender leaving takes its share with it.
+    timeout(STEP, b.send(Message::binary(b"\x00\x01".to_vec())))
+        .await
+        .unwrap()
+        .unwrap();
+    let tail = read_to_end(&mut b).await;
+    assert_eq!(tail.close, Some(close_code::BAD_FRAME));
+    assert_eq!(metric(addr, &rejections("binary_frame")).await, 1);
+    timeout(STEP, a.close(None)).await.unwrap().unwrap();
+    metric_reaches(addr, "beamdrop_peers_connected", 0).await;
+    metric_reaches(addr, "beamdrop_shares", 0).await;
+    assert_eq!(
+        metric(addr, "beamdrop_disconnects_total{cause=\"bad_frame\"}").await,
+        1
+    );
+    assert_eq!(metric(addr, "beamdrop_backend_errors_total").await, 0);
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_frames_are_counted_by_kind_and_vanishing_clients_are_not_refusals() {
+    let server = server_with(config()).await;
+    let addr = server.addr;
+    let client_left = "beamdrop_disconnects_total{cause=\"client\"}";
+
+    // Clients that vanish without a close frame, by FIN and by reset, are not refusals.
+    let (ws, _) = connect(addr).await;
+    drop(ws);
+    let (ws, _) = connect(addr).await;
+    ws.get_ref().set_zero_linger().unwrap();
+    drop(ws);
+    metric_reaches(addr, client_left, 2).await;
+    assert_eq!(all_rejections(addr).await, 0);
+
+    // Over max_frame_bytes.
+    let (mut big, _) = connect(addr).await;
+    let huge = format!(r#"{{"type":"ping","x":"{}"}}"#, "x".repeat(100 * 1024));
+    let _ = timeout(STEP, big.send(Message::text(huge))).await;
+    let _ = read_to_end(&mut big).await;
+    metric_reaches(addr, &rejections("oversize_frame"), 1).await;
+
+    // Protocol violations: an unmasked client frame; a text frame that is not UTF-8.
+    let mut raw = open_raw(addr).await;
+    raw.write_all(&[0x81, 0x02, b'h', b'i']).await.unwrap();
+    assert_eq!(raw_close_code(&mut raw).await, Some(close_code::BAD_FRAME));
+    let mut raw = open_raw(addr).await;
+    let mask = [1u8, 2, 3, 4];
+    let payload = [0xffu8, 0xfe, 0xfd];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    raw.write_all(&frame).await.unwrap();
+    assert_eq!(raw_close_code(&mut raw).await, Some(close_code::BAD_FRAME));
+    metric_reaches(addr, &rejections("bad_frame"), 2).await;
+
+    assert_eq!(all_rejections(addr).await, 3);
+    assert_eq!(metric(addr, client_left).await, 2);
+    metric_reaches(addr, "beamdrop_peers_connected", 0).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_ok_while_the_broker_is() {
+    let server = server_with(config()).await;
+    let (status, _, body) = http_get(server.addr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    stop(server).await;
+}
