@@ -1,0 +1,91 @@
+// Two server nodes sharing a Redis backplane: the sender's browser talks to node 1, the receiver's
+// to node 2, and the file still crosses. Then node 1 gets SIGTERM: it exits 0 and the receiver
+// hears that the sender went away.
+import { test, expect } from '@playwright/test';
+import { spawn, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
+import path from 'node:path';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink } from './browsers';
+
+const ROOT = path.join(__dirname, '..', '..');
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.on('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const port = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function until(what: string, check: () => Promise<boolean>, ms = 20_000): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await check().catch(() => false)) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+function exited(child: ChildProcess): Promise<number | null> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null) resolve(child.exitCode);
+    else child.once('exit', (code) => resolve(code));
+  });
+}
+
+test('sender on node 1, receiver on node 2, over Redis; SIGTERM drains and exits 0', async () => {
+  const children: ChildProcess[] = [];
+  const [redisPort, port1, port2] = [await freePort(), await freePort(), await freePort()];
+  const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+    stdio: 'ignore',
+  });
+  children.push(redis);
+  const node = (port: number) => {
+    const child = spawn(
+      path.join(ROOT, 'target', 'release', 'beamdrop'),
+      ['--listen', `127.0.0.1:${port}`, '--broker', `redis://127.0.0.1:${redisPort}`],
+      { cwd: ROOT, stdio: 'ignore', env: { ...process.env, LEPTOS_SITE_ROOT: 'target/site', RUST_LOG: 'warn' } },
+    );
+    children.push(child);
+    return child;
+  };
+  const browsers = [await launch(), await launch()];
+  try {
+    await until('redis', async () => {
+      const sock = net.connect(redisPort, '127.0.0.1');
+      return new Promise<boolean>((resolve) => {
+        sock.once('connect', () => (sock.destroy(), resolve(true)));
+        sock.once('error', () => resolve(false));
+      });
+    });
+    const node1 = node(port1);
+    node(port2);
+    for (const port of [port1, port2]) {
+      await until(`node on ${port}`, async () => (await fetch(`http://127.0.0.1:${port}/healthz`)).ok);
+    }
+
+    const dir = tempDir();
+    const file = randomFile(dir, 'cross-node.bin', 8 * 1024 * 1024 + 3);
+    const sender = await openPage(browsers[0], `http://127.0.0.1:${port1}/`);
+    await hydrated(sender);
+    await sender.getByTestId('file-input').setInputFiles([file]);
+    const link = new URL(await shareLink(sender));
+    // Same share, other node.
+    const receiver = await openPage(browsers[1], `http://127.0.0.1:${port2}${link.pathname}${link.hash}`);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    const item = receiver.getByTestId('file-item');
+    const [dl] = await Promise.all([receiver.waitForEvent('download'), item.getByTestId('download').click()]);
+    expect(sha256(await dl.path())).toBe(sha256(file));
+    await expect(item.getByTestId('file-status')).toHaveText('verified');
+
+    node1.kill('SIGTERM');
+    expect(await exited(node1)).toBe(0);
+    await expect(receiver.getByTestId('status')).toContainText('sender went away', { timeout: 15_000 });
+  } finally {
+    await Promise.all(browsers.map((b) => b.close()));
+    for (const child of children) child.kill('SIGKILL');
+  }
+});
