@@ -3,179 +3,24 @@
 //!
 //! Run with `cargo test --features ssr --test broker`.
 
+mod common;
+
 use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
 use beamdrop::server::config::{Config, Limits};
-use beamdrop::server::{start, RunningServer};
+use common::*;
 use futures::{SinkExt, StreamExt};
-use leptos::prelude::LeptosOptions;
 use serde_json::json;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::time::{timeout, Instant};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-type Ws = WebSocketStream<TcpStream>;
-
-/// How long any single expected event may take before the test fails instead of hanging.
-const STEP: Duration = Duration::from_secs(5);
-/// How long a client must stay silent to count as "received nothing".
-const QUIET: Duration = Duration::from_millis(300);
-
 // ---------------------------------------------------------------------------------------------
-// Server helpers
+// Helpers (the shared ones are in tests/common/mod.rs)
 // ---------------------------------------------------------------------------------------------
-
-fn config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    }
-}
-
-async fn server_with(config: Config) -> RunningServer {
-    let options = LeptosOptions::builder().output_name("beamdrop").build();
-    start(config, options).await.expect("server starts")
-}
-
-async fn server() -> RunningServer {
-    server_with(config()).await
-}
-
-async fn stop(server: RunningServer) {
-    timeout(STEP, server.shutdown())
-        .await
-        .expect("shutdown finishes in time")
-        .expect("shutdown returns Ok");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Client helpers
-// ---------------------------------------------------------------------------------------------
-
-/// TCP connect + WebSocket handshake on `/ws`, without reading anything.
-async fn open(addr: SocketAddr) -> Result<Ws, tungstenite::Error> {
-    let attempt = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let (ws, _response) =
-            tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp).await?;
-        Ok(ws)
-    };
-    timeout(STEP, attempt).await.expect("handshake in time")
-}
-
-/// A connected client and the identity the server's Welcome gave it.
-async fn connect(addr: SocketAddr) -> (Ws, PeerId) {
-    let mut ws = open(addr).await.expect("websocket handshake");
-    match recv(&mut ws).await {
-        ServerMsg::Welcome { you, .. } => (ws, you),
-        other => panic!("first message must be Welcome, got {other:?}"),
-    }
-}
-
-async fn send_text(ws: &mut Ws, text: String) {
-    timeout(STEP, ws.send(Message::text(text)))
-        .await
-        .expect("send in time")
-        .expect("send succeeds");
-}
-
-async fn send(ws: &mut Ws, msg: &ClientMsg) {
-    send_text(ws, serde_json::to_string(msg).unwrap()).await;
-}
-
-async fn signal(ws: &mut Ws, to: PeerId, payload: &str) {
-    send(
-        ws,
-        &ClientMsg::Signal {
-            to,
-            payload: payload.into(),
-        },
-    )
-    .await;
-}
-
-/// The next server message within `wait`, skipping ping/pong frames; `None` on timeout.
-/// Panics if the connection closes or the server sends anything but JSON text.
-async fn recv_within(ws: &mut Ws, wait: Duration) -> Option<ServerMsg> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next()).await.ok()?;
-        match frame {
-            Some(Ok(Message::Text(t))) => {
-                return Some(serde_json::from_str(t.as_str()).unwrap_or_else(|e| {
-                    panic!("server sent text that is not a ServerMsg: {t:?}: {e}")
-                }))
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-async fn recv(ws: &mut Ws) -> ServerMsg {
-    recv_within(ws, STEP)
-        .await
-        .unwrap_or_else(|| panic!("no server message within {STEP:?}"))
-}
-
-async fn assert_silent(ws: &mut Ws, who: &str) {
-    if let Some(msg) = recv_within(ws, QUIET).await {
-        panic!("{who} should have received nothing, got {msg:?}");
-    }
-}
-
-async fn expect_error(ws: &mut Ws, code: ErrorCode) {
-    match recv(ws).await {
-        ServerMsg::Error { code: got, .. } if got == code => {}
-        other => panic!("expected Error {{ code: {code:?} }}, got {other:?}"),
-    }
-}
-
-async fn create_share(ws: &mut Ws) -> ShareId {
-    send(ws, &ClientMsg::CreateShare).await;
-    match recv(ws).await {
-        ServerMsg::ShareCreated { share } => share,
-        other => panic!("expected ShareCreated, got {other:?}"),
-    }
-}
-
-/// Joins `share` as a receiver; returns the sender the server introduced.
-async fn join(ws: &mut Ws, share: &ShareId) -> PeerId {
-    send(
-        ws,
-        &ClientMsg::Join {
-            share: share.clone(),
-        },
-    )
-    .await;
-    match recv(ws).await {
-        ServerMsg::Joined { share: s, sender } if &s == share => sender,
-        other => panic!("expected Joined {{ share: {share} }}, got {other:?}"),
-    }
-}
-
-/// `receiver` joins `sender`'s share; checks both sides of the introduction.
-async fn introduce(
-    sender: &mut Ws,
-    sender_id: PeerId,
-    share: &ShareId,
-    receiver: &mut Ws,
-    receiver_id: PeerId,
-) {
-    assert_eq!(join(receiver, share).await, sender_id);
-    assert_eq!(
-        recv(sender).await,
-        ServerMsg::PeerJoined {
-            share: share.clone(),
-            peer: receiver_id,
-        }
-    );
-}
 
 /// How a connection ended, as seen by the client.
 #[derive(Debug, PartialEq)]
@@ -211,26 +56,6 @@ async fn pair(addr: SocketAddr) -> (Ws, PeerId, ShareId, Ws, PeerId) {
     let (mut b, b_id) = connect(addr).await;
     introduce(&mut a, a_id, &share, &mut b, b_id).await;
     (a, a_id, share, b, b_id)
-}
-
-/// Both directions of a pair still relay.
-async fn assert_relays(a: &mut Ws, a_id: PeerId, b: &mut Ws, b_id: PeerId) {
-    signal(b, a_id, "b->a").await;
-    assert_eq!(
-        recv(a).await,
-        ServerMsg::Signal {
-            from: b_id,
-            payload: "b->a".into()
-        }
-    );
-    signal(a, b_id, "a->b").await;
-    assert_eq!(
-        recv(b).await,
-        ServerMsg::Signal {
-            from: a_id,
-            payload: "a->b".into()
-        }
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -679,70 +504,6 @@ async fn a_client_that_stops_reading_is_dropped_despite_queued_traffic() {
     stop(server).await;
 }
 
-/// A client speaking raw TCP: it never writes after the handshake, so reading from it never
-/// produces the automatic pong replies a WebSocket library would send.
-async fn open_silent(addr: SocketAddr) -> (TcpStream, Vec<u8>) {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    let header_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let mut chunk = [0u8; 1024];
-        let n = timeout(STEP, tcp.read(&mut chunk)).await.unwrap().unwrap();
-        assert!(n > 0, "server closed during the handshake");
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
-    assert!(head.starts_with("HTTP/1.1 101"), "handshake failed: {head}");
-    (tcp, buf.split_off(header_end))
-}
-
-/// Splits complete WebSocket frames (opcode, payload) off the front of `buf`.
-fn take_frames(buf: &mut Vec<u8>) -> Vec<(u8, Vec<u8>)> {
-    let mut frames = Vec::new();
-    loop {
-        if buf.len() < 2 {
-            return frames;
-        }
-        let opcode = buf[0] & 0x0f;
-        let masked = buf[1] & 0x80 != 0;
-        let (len, mut at) = match buf[1] & 0x7f {
-            126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-            127 if buf.len() >= 10 => (
-                u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
-            126 | 127 => return frames,
-            n => (n as usize, 2),
-        };
-        let mask = if masked {
-            if buf.len() < at + 4 {
-                return frames;
-            }
-            at += 4;
-            Some([buf[at - 4], buf[at - 3], buf[at - 2], buf[at - 1]])
-        } else {
-            None
-        };
-        if buf.len() < at + len {
-            return frames;
-        }
-        let mut payload: Vec<u8> = buf.drain(..at + len).skip(at).collect();
-        if let Some(mask) = mask {
-            for (i, byte) in payload.iter_mut().enumerate() {
-                *byte ^= mask[i % 4];
-            }
-        }
-        frames.push((opcode, payload));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_live_ones_kept() {
     // The server pings every second and closes after 2 s without any frame from the client.
@@ -760,7 +521,10 @@ async fn idle_connections_are_closed_and_live_ones_kept() {
 
     // The idle client: reads everything, answers nothing.
     let idle = tokio::spawn(async move {
-        let (mut tcp, mut buf) = open_silent(addr).await;
+        // Raw TCP: it never writes after the handshake, so reading from it never produces the
+        // automatic pong replies a WebSocket library would send.
+        let mut tcp = open_raw(addr).await;
+        let mut buf = Vec::new();
         let opened = Instant::now();
         let mut frames = Vec::new();
         let mut chunk = [0u8; 4096];

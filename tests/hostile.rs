@@ -3,76 +3,22 @@
 //!
 //! Run with `cargo test --features ssr --test hostile`.
 
-use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, PeerId, ServerMsg, ShareId};
+mod common;
+
+use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, ServerMsg, ShareId};
 use beamdrop::server::config::{Config, Limits};
-use beamdrop::server::{start, RunningServer};
+use common::*;
 use futures::{SinkExt, StreamExt};
-use leptos::prelude::LeptosOptions;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
-
-type Ws = WebSocketStream<TcpStream>;
-
-/// How long any single expected event may take before the test fails instead of hanging.
-const STEP: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------------------------
-// Helpers
+// Helpers (the shared ones are in tests/common/mod.rs)
 // ---------------------------------------------------------------------------------------------
-
-fn config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    }
-}
-
-async fn server_with(config: Config) -> RunningServer {
-    let options = LeptosOptions::builder().output_name("beamdrop").build();
-    start(config, options).await.expect("server starts")
-}
-
-async fn stop(server: RunningServer) {
-    timeout(STEP, server.shutdown())
-        .await
-        .expect("shutdown finishes in time")
-        .expect("shutdown returns Ok");
-}
-
-/// WebSocket handshake on `/ws`, optionally as a browser page from `origin` would.
-async fn open_from(addr: SocketAddr, origin: Option<&str>) -> Result<Ws, tungstenite::Error> {
-    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
-    if let Some(origin) = origin {
-        request
-            .headers_mut()
-            .insert("Origin", HeaderValue::from_str(origin).unwrap());
-    }
-    let attempt = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let (ws, _response) = tokio_tungstenite::client_async(request, tcp).await?;
-        Ok(ws)
-    };
-    timeout(STEP, attempt).await.expect("handshake in time")
-}
-
-/// Reads the Welcome off a fresh socket.
-async fn welcome(mut ws: Ws) -> (Ws, PeerId) {
-    match recv(&mut ws).await {
-        ServerMsg::Welcome { you, .. } => (ws, you),
-        other => panic!("first message must be Welcome, got {other:?}"),
-    }
-}
-
-async fn connect(addr: SocketAddr) -> (Ws, PeerId) {
-    welcome(open_from(addr, None).await.expect("websocket handshake")).await
-}
 
 /// The HTTP status a refused handshake got.
 fn refused_status(result: Result<Ws, tungstenite::Error>) -> u16 {
@@ -80,42 +26,6 @@ fn refused_status(result: Result<Ws, tungstenite::Error>) -> u16 {
         Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
         Ok(_) => panic!("expected an HTTP refusal, the handshake succeeded"),
-    }
-}
-
-async fn send_text(ws: &mut Ws, text: String) {
-    timeout(STEP, ws.send(Message::text(text)))
-        .await
-        .expect("send in time")
-        .expect("send succeeds");
-}
-
-async fn send(ws: &mut Ws, msg: &ClientMsg) {
-    send_text(ws, serde_json::to_string(msg).unwrap()).await;
-}
-
-/// The next server message, skipping ping/pong frames; panics on anything else or after [`STEP`].
-async fn recv(ws: &mut Ws) -> ServerMsg {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let frame = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("no server message within {STEP:?}"));
-        match frame {
-            Some(Ok(Message::Text(t))) => {
-                return serde_json::from_str(t.as_str())
-                    .unwrap_or_else(|e| panic!("not a ServerMsg: {t:?}: {e}"))
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-async fn expect_error(ws: &mut Ws, code: ErrorCode) {
-    match recv(ws).await {
-        ServerMsg::Error { code: got, .. } if got == code => {}
-        other => panic!("expected Error {{ code: {code:?} }}, got {other:?}"),
     }
 }
 
@@ -213,29 +123,6 @@ async fn all_rejections(addr: SocketAddr) -> i64 {
         .sum()
 }
 
-/// A WebSocket client on raw TCP, for frames no library would send. Returns after the 101.
-async fn open_raw(addr: SocketAddr) -> TcpStream {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        let n = timeout(STEP, tcp.read(&mut byte)).await.unwrap().unwrap();
-        assert!(n > 0, "server closed during the handshake");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    tcp
-}
-
 /// Reads raw frames until the server's close frame; its code (`None` if the stream just ends).
 async fn raw_close_code(tcp: &mut TcpStream) -> Option<u16> {
     let mut buf = Vec::new();
@@ -251,22 +138,10 @@ async fn raw_close_code(tcp: &mut TcpStream) -> Option<u16> {
     timeout(STEP, read_all)
         .await
         .expect("the server ends the connection");
-    // Server frames are unmasked; walk them to the close frame (opcode 8).
-    let mut at = 0;
-    while at + 2 <= buf.len() {
-        let opcode = buf[at] & 0x0f;
-        let (len, header) = match buf[at + 1] & 0x7f {
-            126 => (u16::from_be_bytes([buf[at + 2], buf[at + 3]]) as usize, 4),
-            127 => panic!("no server frame here is that large"),
-            n => (n as usize, 2),
-        };
-        let payload = &buf[at + header..(at + header + len).min(buf.len())];
-        if opcode == 8 && payload.len() >= 2 {
-            return Some(u16::from_be_bytes([payload[0], payload[1]]));
-        }
-        at += header + len;
-    }
-    None
+    take_frames(&mut buf)
+        .into_iter()
+        .find(|(opcode, payload)| *opcode == 8 && payload.len() >= 2)
+        .map(|(_, payload)| u16::from_be_bytes([payload[0], payload[1]]))
 }
 
 fn rejections(reason: &str) -> String {

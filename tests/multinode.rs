@@ -4,135 +4,24 @@
 //!
 //! Run with `cargo test --features ssr --test multinode`.
 
-use beamdrop::protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, ShareId};
-use beamdrop::server::config::Config;
+mod common;
+
+use beamdrop::protocol::{ClientMsg, ErrorCode, ServerMsg};
 use beamdrop::server::{start, RunningServer};
-use futures::{SinkExt, StreamExt};
-use leptos::prelude::LeptosOptions;
-use std::io::{Read, Write};
+use common::*;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout, Instant};
-use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::WebSocketStream;
 
-type Ws = WebSocketStream<TcpStream>;
-
-/// How long any single expected event may take before the test fails instead of hanging.
-const STEP: Duration = Duration::from_secs(5);
-/// How long a client must stay silent to count as "received nothing".
-const QUIET: Duration = Duration::from_millis(300);
 /// The Redis backend's presence TTL (`RedisOptions::default().presence_ttl`).
 const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
-// redis-server
+// Server helpers (the shared ones, and `TestRedis`, are in tests/common/mod.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// A private `redis-server` without persistence on a free port, killed on drop.
-struct TestRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl TestRedis {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.spawn();
-        redis
-    }
-
-    fn uri(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/setup.sh: need_redis)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + STEP;
-        while std::time::Instant::now() < deadline {
-            if redis_answers(self.port) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {} did not come up", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills the server and starts a new, empty one on the same port.
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    async fn exists(&self, key: &str) -> bool {
-        let client = redis::Client::open(self.uri()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn redis_answers(port: u16) -> bool {
-    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 7];
-    tcp.write_all(b"PING\r\n").is_ok() && tcp.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-}
-
-// ---------------------------------------------------------------------------------------------
-// Server helpers
-// ---------------------------------------------------------------------------------------------
-
-fn config(redis: &TestRedis) -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        broker: redis.uri(),
-        ..Default::default()
-    }
-}
 
 async fn node(redis: &TestRedis) -> RunningServer {
-    let options = LeptosOptions::builder().output_name("beamdrop").build();
-    start(config(redis), options).await.expect("server starts")
-}
-
-async fn stop(server: RunningServer) {
-    timeout(STEP, server.shutdown())
-        .await
-        .expect("shutdown finishes in time")
-        .expect("shutdown returns Ok");
+    server_with(redis.config()).await
 }
 
 /// A node on its own tokio runtime, so that it can die the way a crashed process does: every
@@ -144,16 +33,15 @@ struct DoomedNode {
 
 impl DoomedNode {
     async fn start(redis: &TestRedis) -> Self {
-        let config = config(redis);
+        let config = redis.config();
         tokio::task::spawn_blocking(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()
                 .unwrap();
-            let options = LeptosOptions::builder().output_name("beamdrop").build();
             let server = runtime
-                .block_on(start(config, options))
+                .block_on(start(config, leptos_options()))
                 .expect("server starts");
             let addr = server.addr;
             runtime.spawn(async move {
@@ -186,172 +74,8 @@ impl Drop for DoomedNode {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Client helpers (as in tests/broker.rs)
+// Other helpers
 // ---------------------------------------------------------------------------------------------
-
-async fn open(addr: SocketAddr) -> Result<Ws, tungstenite::Error> {
-    let attempt = async {
-        let tcp = TcpStream::connect(addr).await?;
-        let (ws, _response) =
-            tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp).await?;
-        Ok(ws)
-    };
-    timeout(STEP, attempt).await.expect("handshake in time")
-}
-
-/// The next server message within `wait`, skipping ping/pong frames. `Ok(None)` on timeout,
-/// `Err` when the connection ends or the server sends anything but a JSON `ServerMsg`.
-async fn try_recv_within(ws: &mut Ws, wait: Duration) -> Result<Option<ServerMsg>, String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let Ok(frame) = tokio::time::timeout_at(deadline, ws.next()).await else {
-            return Ok(None);
-        };
-        match frame {
-            Some(Ok(Message::Text(t))) => {
-                return serde_json::from_str(t.as_str())
-                    .map(Some)
-                    .map_err(|e| format!("not a ServerMsg: {t:?}: {e}"));
-            }
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            other => return Err(format!("expected a text frame, got {other:?}")),
-        }
-    }
-}
-
-async fn try_recv(ws: &mut Ws) -> Result<ServerMsg, String> {
-    try_recv_within(ws, STEP)
-        .await?
-        .ok_or_else(|| format!("no server message within {STEP:?}"))
-}
-
-async fn recv(ws: &mut Ws) -> ServerMsg {
-    try_recv(ws).await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn connect(addr: SocketAddr) -> (Ws, PeerId) {
-    try_connect(addr).await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn try_connect(addr: SocketAddr) -> Result<(Ws, PeerId), String> {
-    let mut ws = open(addr).await.map_err(|e| e.to_string())?;
-    match try_recv(&mut ws).await? {
-        ServerMsg::Welcome { you, .. } => Ok((ws, you)),
-        other => Err(format!("first message must be Welcome, got {other:?}")),
-    }
-}
-
-async fn send(ws: &mut Ws, msg: &ClientMsg) {
-    timeout(
-        STEP,
-        ws.send(Message::text(serde_json::to_string(msg).unwrap())),
-    )
-    .await
-    .expect("send in time")
-    .expect("send succeeds");
-}
-
-async fn signal(ws: &mut Ws, to: PeerId, payload: &str) {
-    send(
-        ws,
-        &ClientMsg::Signal {
-            to,
-            payload: payload.into(),
-        },
-    )
-    .await;
-}
-
-async fn assert_silent(ws: &mut Ws, who: &str) {
-    if let Some(msg) = try_recv_within(ws, QUIET).await.unwrap() {
-        panic!("{who} should have received nothing, got {msg:?}");
-    }
-}
-
-async fn expect_error(ws: &mut Ws, code: ErrorCode) {
-    match recv(ws).await {
-        ServerMsg::Error { code: got, .. } if got == code => {}
-        other => panic!("expected Error {{ code: {code:?} }}, got {other:?}"),
-    }
-}
-
-async fn try_create_share(ws: &mut Ws) -> Result<ShareId, String> {
-    send(ws, &ClientMsg::CreateShare).await;
-    match try_recv(ws).await? {
-        ServerMsg::ShareCreated { share } => Ok(share),
-        other => Err(format!("expected ShareCreated, got {other:?}")),
-    }
-}
-
-async fn create_share(ws: &mut Ws) -> ShareId {
-    try_create_share(ws).await.unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `receiver` joins `sender`'s share; checks both sides of the introduction.
-async fn try_introduce(
-    sender: &mut Ws,
-    sender_id: PeerId,
-    share: &ShareId,
-    receiver: &mut Ws,
-    receiver_id: PeerId,
-) -> Result<(), String> {
-    send(
-        receiver,
-        &ClientMsg::Join {
-            share: share.clone(),
-        },
-    )
-    .await;
-    match try_recv(receiver).await? {
-        ServerMsg::Joined { share: s, sender } if &s == share && sender == sender_id => {}
-        other => return Err(format!("expected Joined by {sender_id}, got {other:?}")),
-    }
-    let expected = ServerMsg::PeerJoined {
-        share: share.clone(),
-        peer: receiver_id,
-    };
-    match try_recv(sender).await? {
-        got if got == expected => Ok(()),
-        other => Err(format!("expected {expected:?}, got {other:?}")),
-    }
-}
-
-async fn introduce(
-    sender: &mut Ws,
-    sender_id: PeerId,
-    share: &ShareId,
-    receiver: &mut Ws,
-    receiver_id: PeerId,
-) {
-    try_introduce(sender, sender_id, share, receiver, receiver_id)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `from` signals `to`, which must receive it with `from` filled in by the server.
-async fn try_relay(
-    from: &mut Ws,
-    from_id: PeerId,
-    to: &mut Ws,
-    to_id: PeerId,
-) -> Result<(), String> {
-    let payload = format!("{from_id}->{to_id}");
-    signal(from, to_id, &payload).await;
-    let expected = ServerMsg::Signal {
-        from: from_id,
-        payload,
-    };
-    match try_recv(to).await? {
-        got if got == expected => Ok(()),
-        other => Err(format!("expected {expected:?}, got {other:?}")),
-    }
-}
-
-/// Both directions of a pair relay.
-async fn assert_relays(a: &mut Ws, a_id: PeerId, b: &mut Ws, b_id: PeerId) {
-    try_relay(b, b_id, a, a_id).await.unwrap();
-    try_relay(a, a_id, b, b_id).await.unwrap();
-}
 
 /// Polls `check` every 50 ms until it holds; panics with `what` after `within`.
 async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
