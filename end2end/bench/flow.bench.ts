@@ -10,13 +10,13 @@ const SIZE_MIB = Number(process.env.BENCH_MIB ?? 64);
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 3);
 
 const SETTINGS: { name: string; query: string }[] = [
-  { name: 'default (64K, 8M/2M)', query: '' },
+  { name: 'default (64K, 4M/1M)', query: '' },
   { name: 'chunk 16K', query: 'chunk=16384' },
   { name: 'chunk 32K', query: 'chunk=32768' },
   { name: 'chunk 128K', query: 'chunk=131072' },
   { name: 'chunk 256K-12', query: 'chunk=262132' },
   { name: 'marks 1M/256K', query: 'high=1048576&low=262144' },
-  { name: 'marks 4M/1M', query: 'high=4194304&low=1048576' },
+  { name: 'marks 8M/2M', query: 'high=8388608&low=2097152' },
   { name: 'marks 14M/4M', query: 'high=14680064&low=4194304' },
 ];
 
