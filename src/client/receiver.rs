@@ -53,11 +53,8 @@ impl Store {
         match self {
             Store::Memory(r) => Ok(r.write(offset, &payload.to_vec())?),
             Store::Disk { coverage, sink } => {
-                let mut next = coverage.clone();
-                next.accept(offset, payload.length() as u64)?;
-                sink.write_at(offset, payload)?;
-                *coverage = next;
-                Ok(())
+                coverage.accept(offset, payload.length() as u64)?;
+                sink.write_at(offset, payload)
             }
         }
     }

@@ -188,14 +188,11 @@ impl<S: Sink> Reassembly<S> {
         self.coverage.is_complete()
     }
 
-    /// Writes one frame's payload at its offset, in whatever order frames arrive.
+    /// Writes one frame's payload at its offset, in whatever order frames arrive. A rejected
+    /// frame changes nothing; after a sink error the file is lost anyway.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
-        // Check coverage first on a copy so a rejected frame or a failed write changes nothing.
-        let mut coverage = self.coverage.clone();
-        coverage.accept(offset, data.len() as u64)?;
-        self.sink.write_at(offset, data)?;
-        self.coverage = coverage;
-        Ok(())
+        self.coverage.accept(offset, data.len() as u64)?;
+        self.sink.write_at(offset, data)
     }
 
     /// Checks the announced size and SHA-256 (hex) against what arrived; hands back the sink.
