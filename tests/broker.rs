@@ -591,3 +591,42 @@ async fn shutdown_asks_every_client_to_reconnect() {
     }
     assert!(open(addr).await.is_err(), "the server still accepts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_twice_introduces_once() {
+    let server = server().await;
+    let (mut a, a_id, share, mut b, b_id) = pair(server.addr).await;
+    // A second join answers `joined` again but does not ask the sender to connect again.
+    assert_eq!(join(&mut b, &share).await, a_id);
+    assert_silent(&mut a, "the sender after a repeated join").await;
+    assert_relays(&mut a, a_id, &mut b, b_id).await;
+    stop(server).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_joins_as_the_sender_leaves_still_hears_it_left() {
+    // The sender's socket ends while a `peer_joined` may still sit unread in its inbox: the
+    // receiver must get `peer_left` either way, never wait forever.
+    for _ in 0..20 {
+        let server = server().await;
+        let (mut a, _a_id) = connect(server.addr).await;
+        let share = create_share(&mut a).await;
+        let (mut b, _b_id) = connect(server.addr).await;
+        send(
+            &mut b,
+            &ClientMsg::Join {
+                share: share.clone(),
+            },
+        )
+        .await;
+        drop(a);
+        match recv(&mut b).await {
+            ServerMsg::Joined { sender, .. } => {
+                assert_eq!(recv(&mut b).await, ServerMsg::PeerLeft { peer: sender });
+            }
+            ServerMsg::Error { code, .. } => assert_eq!(code, ErrorCode::NoSuchShare),
+            other => panic!("unexpected {other:?}"),
+        }
+        stop(server).await;
+    }
+}

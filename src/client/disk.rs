@@ -81,10 +81,17 @@ impl DiskSink {
             root: self.root.clone(),
             name: self.name.clone(),
         };
-        if let Err(e) = JsFuture::from(self.writable.close()).await {
-            stored.remove().await;
-            return Err(e.into());
+        match self.read_back().await {
+            Ok((file, digest)) => Ok((file, digest, stored)),
+            Err(e) => {
+                stored.remove().await;
+                Err(e)
+            }
         }
+    }
+
+    async fn read_back(&self) -> Result<(File, [u8; 32]), ClientError> {
+        JsFuture::from(self.writable.close()).await?;
         if let Some(e) = self.failed.borrow().as_ref() {
             return Err(ClientError::Js(format!("writing to disk failed: {e}")));
         }
@@ -101,7 +108,7 @@ impl DiskSink {
             hasher.update(js_sys::Uint8Array::new(&buf).to_vec());
             offset = end;
         }
-        Ok((file, hasher.finalize().into(), stored))
+        Ok((file, hasher.finalize().into()))
     }
 }
 

@@ -279,6 +279,7 @@ async fn run_signaling(
                         // Altered in transit or sealed with another key: refuse the connection.
                         let mut s = state.borrow_mut();
                         s.link = None;
+                        s.sender = None;
                         s.channel = None;
                         s.ui.phase.set(Phase::Failed("bad link".into()));
                         s.ui.error
@@ -343,9 +344,7 @@ async fn watch_link(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<L
                 spawn_local(run_channel(Rc::downgrade(&state), events));
             }
             LinkEvent::State(RtcPeerConnectionState::Failed) => {
-                state.borrow_mut().lost_sender(Phase::Failed(
-                    "could not reach the sender (ICE failed)".into(),
-                ));
+                state.borrow_mut().lost_sender(Phase::Unreachable);
             }
             LinkEvent::State(_) => {}
         }

@@ -8,11 +8,10 @@ use web_sys::{Blob, BlobPropertyBag, HtmlAnchorElement, Url};
 pub fn save(name: &str, mime: &str, bytes: &[u8]) -> Result<(), ClientError> {
     let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes));
     let options = BlobPropertyBag::new();
-    options.set_type(if mime.is_empty() {
-        "application/octet-stream"
-    } else {
-        mime
-    });
+    // Never the sender's MIME type: a blob URL on our origin typed text/html or SVG could run
+    // script if a browser ever displayed it instead of downloading it.
+    let _ = mime;
+    options.set_type("application/octet-stream");
     let blob = Blob::new_with_u8_array_sequence_and_options(&parts, &options)?;
     save_blob(name, &blob)
 }

@@ -395,7 +395,12 @@ async fn serve_receiver(
                     row.state.set("connected".into());
                     match sent {
                         Ok(()) => {}
-                        Err(ClientError::ChannelClosed) => return,
+                        Err(ClientError::ChannelClosed) => {
+                            if let Some(st) = state.upgrade() {
+                                st.borrow_mut().drop_receiver(peer);
+                            }
+                            return;
+                        }
                         Err(e) => {
                             let msg = PeerMsg::FileError {
                                 file,

@@ -74,8 +74,8 @@ impl Default for Limits {
             ping_interval_secs: 20,
             idle_timeout_secs: 60,
             max_json_depth: crate::protocol::DEFAULT_MAX_JSON_DEPTH,
-            rate_limit_burst: 50,
-            rate_limit_per_sec: 20,
+            rate_limit_burst: 200,
+            rate_limit_per_sec: 50,
             rate_limit_close_after: 100,
             max_connections_per_ip: 64,
         }
@@ -226,7 +226,7 @@ mod tests {
                 d.rate_limit_close_after,
                 d.max_connections_per_ip
             ),
-            (16, 50, 20, 100, 64)
+            (16, 200, 50, 100, 64)
         );
     }
 

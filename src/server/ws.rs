@@ -251,7 +251,10 @@ async fn run(socket: WebSocket, state: AppState, peer: PeerId) {
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     Some(Ok(Message::Text(t))) => {
                         metrics.message_received();
-                        if !bucket.try_take(std::time::Instant::now()) {
+                        if bucket.try_take(std::time::Instant::now()) {
+                            // Only a client that keeps pushing past the limit is closed.
+                            rate_limited = 0;
+                        } else {
                             metrics.reject(Rejection::RateLimited);
                             rate_limited = rate_limited.saturating_add(1);
                             if limits.rate_limit_close_after > 0
@@ -435,6 +438,13 @@ impl Session {
                         return Some(self.broker_error(e));
                     }
                 };
+                if self.introduced.contains(&owner) {
+                    // Already introduced: the sender is not asked to connect a second time.
+                    return Some(ServerMsg::Joined {
+                        share,
+                        sender: owner,
+                    });
+                }
                 let joined = ServerMsg::PeerJoined {
                     share: share.clone(),
                     peer: self.peer,
@@ -511,6 +521,12 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        // Introductions still queued in the inbox count too: a receiver that joined just before
+        // this socket ended must hear that its sender left.
+        self.registration.inbox.close();
+        while let Ok(msg) = self.registration.inbox.try_recv() {
+            self.observe(&msg);
+        }
         if self.introduced.is_empty() {
             return;
         }

@@ -19,10 +19,20 @@ pub struct MemorySink {
 }
 
 impl MemorySink {
+    /// Largest file received in memory (disk sinks take larger ones).
+    pub const MAX: u64 = 1 << 30;
+
+    /// A zeroed buffer of `size` bytes; refused (not aborted) when it cannot be had.
     pub fn new(size: u64) -> Result<Self, TransferError> {
-        let size = usize::try_from(size)
-            .map_err(|_| TransferError::Sink(format!("{size} bytes do not fit in memory")))?;
-        Ok(Self { buf: vec![0; size] })
+        let too_big = || TransferError::Sink(format!("{size} bytes do not fit in memory"));
+        if size > Self::MAX {
+            return Err(too_big());
+        }
+        let len = usize::try_from(size).map_err(|_| too_big())?;
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| too_big())?;
+        buf.resize(len, 0);
+        Ok(Self { buf })
     }
 
     pub fn into_bytes(self) -> Vec<u8> {
@@ -372,6 +382,19 @@ mod tests {
             verify_digest([0; 32], &"01".repeat(32)),
             Err(TransferError::Integrity)
         );
+    }
+
+    #[test]
+    fn oversized_memory_sinks_are_refused_not_aborted() {
+        assert!(matches!(
+            MemorySink::new(MemorySink::MAX + 1),
+            Err(TransferError::Sink(_))
+        ));
+        assert!(matches!(
+            MemorySink::new(u64::MAX),
+            Err(TransferError::Sink(_))
+        ));
+        assert!(MemorySink::new(1024).is_ok());
     }
 
     #[test]
