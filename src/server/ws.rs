@@ -310,6 +310,11 @@ async fn run(socket: WebSocket, state: AppState, peer: PeerId) {
         }
     };
     metrics.disconnect(exit.cause());
+    if matches!(exit.cause(), Disconnect::Shutdown) {
+        // The peer is not gone: its browser reconnects to another node and its direct
+        // connections carry on. Telling its peers it left would tear down working transfers.
+        session.introduced.clear();
+    }
     // Shares withdrawn, registration removed, introduced peers told; before any goodbye, which
     // may take a while.
     drop(session);
