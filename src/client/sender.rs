@@ -448,14 +448,18 @@ async fn send_file(
         }
         let end = (offset + flow.read_block as u64).min(size);
         let block = read_range(&shared.file, offset, end).await?;
-        if let Some(h) = hasher.as_mut() {
-            h.update(&block);
-        }
-        for (rel, len) in frame::chunks(block.len() as u64, flow.chunk_size) {
-            let start = rel as usize;
-            frame_buf.clear();
-            frame_buf.extend_from_slice(&frame::header(shared.meta.id, offset + rel));
-            frame_buf.extend_from_slice(&block[start..start + len]);
+        for (rel, len) in frame::chunks(u64::from(block.length()), flow.chunk_size) {
+            // One copy per byte into WASM: straight from the read block into the frame.
+            frame_buf.resize(frame::HEADER_LEN + len, 0);
+            frame_buf[..frame::HEADER_LEN]
+                .copy_from_slice(&frame::header(shared.meta.id, offset + rel));
+            let payload = &mut frame_buf[frame::HEADER_LEN..];
+            block
+                .subarray(rel as u32, (rel as usize + len) as u32)
+                .copy_to(payload);
+            if let Some(h) = hasher.as_mut() {
+                h.update(&*payload);
+            }
             out.send(&frame_buf).await?;
         }
         offset = end;
@@ -480,10 +484,14 @@ async fn send_file(
     )
 }
 
-async fn read_range(file: &web_sys::File, start: u64, end: u64) -> Result<Vec<u8>, ClientError> {
+async fn read_range(
+    file: &web_sys::File,
+    start: u64,
+    end: u64,
+) -> Result<js_sys::Uint8Array, ClientError> {
     let blob = file.slice_with_f64_and_f64(start as f64, end as f64)?;
     let buf = JsFuture::from(blob.array_buffer())
         .await
         .map_err(|e| ClientError::Js(format!("cannot read file: {}", js_message(&e))))?;
-    Ok(js_sys::Uint8Array::new(&buf).to_vec())
+    Ok(js_sys::Uint8Array::new(&buf))
 }
