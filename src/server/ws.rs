@@ -7,7 +7,8 @@
 //! refusal is counted in [`Metrics`]; logs carry peer ids and reasons, never payloads.
 
 use super::broker::{BrokerError, DynBroker, Registration, ShareLease};
-use super::limits::{origin_allowed, TokenBucket};
+use super::config::{Config, Limits};
+use super::limits::{origin_allowed, IpSlot, TokenBucket};
 use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
 use super::AppState;
 use crate::protocol::{
@@ -19,12 +20,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt};
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tracing::Instrument;
 
@@ -73,21 +75,38 @@ pub async fn handler(
     };
 
     let max = state.config.limits.max_frame_bytes;
-    // A 4 KiB read buffer instead of tungstenite's zero-filled 128 KiB: signaling messages are
-    // small, and idle sockets then cost ~11 kB instead of ~142 kB (load benchmark).
+    // Only what the socket task needs is moved into it: the future lives as long as the
+    // connection, and every byte of it counts per idle peer.
+    let conn = Conn {
+        broker: state.broker,
+        config: state.config,
+        metrics: state.metrics,
+        shutdown: state.shutdown,
+        ip_slot: slot,
+    };
+    // A small read buffer instead of tungstenite's zero-filled 128 KiB: signaling frames are
+    // small, and the buffer grows for a large one (load benchmark: bytes per idle peer).
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(4096)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let peer = PeerId::new_random();
             let span = tracing::info_span!("peer", %peer, ip = ?ip);
-            async move {
-                // Held for the socket's whole life: the slot goes back when the task ends.
-                let _slot = slot;
-                run(socket, state, peer).await
-            }
-            .instrument(span)
+            run(socket, conn, peer).instrument(span)
         })
+}
+
+/// Initial size of a socket's read buffer (it grows to fit a larger frame).
+const READ_BUFFER_BYTES: usize = 256;
+
+/// What a socket task keeps of [`AppState`].
+struct Conn {
+    broker: DynBroker,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    /// Held for the socket's whole life: the slot goes back when the task ends.
+    ip_slot: Option<IpSlot>,
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -97,7 +116,7 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
-fn text(msg: &ServerMsg) -> Message {
+fn json_frame(msg: &ServerMsg) -> Message {
     // Serializing our own enum cannot fail (no maps with non-string keys, no foreign types).
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
 }
@@ -105,24 +124,30 @@ fn text(msg: &ServerMsg) -> Message {
 /// Sends one frame, giving up after `limit`. A client that stops reading eventually fills the TCP
 /// buffers; an unbounded send would then wedge its task forever: no idle timeout, no shutdown, and
 /// the peer and its shares would stay registered.
-async fn send_within(
-    tx: &mut SplitSink<WebSocket, Message>,
+///
+/// (Not an `async fn`, which would hold its arguments twice: this future sits in every socket
+/// task's state.)
+fn send_within<'a>(
+    tx: &'a mut WebSocket,
     msg: Message,
     limit: Duration,
-) -> bool {
-    matches!(timeout(limit, tx.send(msg)).await, Ok(Ok(())))
+) -> impl Future<Output = bool> + 'a {
+    timeout(limit, tx.send(msg)).map(|sent| matches!(sent, Ok(Ok(()))))
 }
 
 /// Why the loop ended, and what (if anything) to tell the client.
 enum Exit {
+    /// The socket ended or failed.
     ClientGone,
+    /// The client sent a close frame.
+    ClientClosed,
     Close(u16, &'static str, Disconnect),
 }
 
 impl Exit {
     fn cause(&self) -> Disconnect {
         match self {
-            Exit::ClientGone => Disconnect::Client,
+            Exit::ClientGone | Exit::ClientClosed => Disconnect::Client,
             Exit::Close(_, _, cause) => *cause,
         }
     }
@@ -160,173 +185,244 @@ fn classify_read_error(e: &axum::Error) -> ReadFailure {
     }
 }
 
-async fn run(socket: WebSocket, state: AppState, peer: PeerId) {
-    let metrics = state.metrics.clone();
-    metrics.connection();
-    let (mut tx, mut rx) = socket.split();
-    let write_limit = state.config.limits.idle_timeout();
-    let registration = match state.broker.register(peer).await {
-        Ok(r) => r,
-        Err(e) => {
-            metrics.broker_error(&e);
-            metrics.reject(Rejection::RegistrationFailed);
-            metrics.disconnect(Disconnect::RegistrationFailed);
-            tracing::warn!(error = %e, "registration failed");
-            let _ = send_within(
-                &mut tx,
-                close(close_code::REGISTRATION_FAILED, "registration failed"),
-                write_limit,
-            )
-            .await;
+/// What woke a socket task.
+enum Event {
+    Frame(Option<Result<Message, axum::Error>>),
+    Inbox(Option<ServerMsg>),
+    Tick,
+    Stop,
+}
+
+/// What the task does next.
+enum Step {
+    Send(Message),
+    Wait,
+    End(Exit),
+}
+
+/// The per-connection limits and counters the loop consults on every client frame.
+struct Pacing {
+    bucket: TokenBucket,
+    /// Consecutive refusals by the token bucket.
+    rate_limited: u32,
+    last_heard: Instant,
+}
+
+/// The socket task. Not an `async fn`: its arguments are captured by the returned future as
+/// they are, where an `async fn` would keep a second copy of each (rust-lang/rust#62958).
+fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = ()> {
+    let Conn {
+        broker,
+        config,
+        metrics,
+        shutdown,
+        ip_slot,
+    } = conn;
+    async move {
+        let _ip_slot = &ip_slot;
+        let limits = &config.limits;
+        metrics.connection();
+        let write_limit = limits.idle_timeout();
+        let registration = match broker.register(peer).await {
+            Ok(r) => r,
+            Err(e) => {
+                metrics.broker_error(&e);
+                metrics.reject(Rejection::RegistrationFailed);
+                metrics.disconnect(Disconnect::RegistrationFailed);
+                tracing::warn!(error = %e, "registration failed");
+                let _ = send_within(
+                    &mut socket,
+                    close(close_code::REGISTRATION_FAILED, "registration failed"),
+                    write_limit,
+                )
+                .await;
+                return;
+            }
+        };
+        let mut session = Session::new(
+            peer,
+            broker,
+            registration,
+            metrics.clone(),
+            limits.max_json_depth,
+        );
+        tracing::info!("peer connected");
+        let welcome = json_frame(&ServerMsg::Welcome {
+            you: peer,
+            ice_servers: config.ice_servers.clone(),
+        });
+        if !send_within(&mut socket, welcome, write_limit).await {
             return;
         }
-    };
-    let limits = &state.config.limits;
-    let mut session = Session::new(
-        peer,
-        state.broker.clone(),
-        registration,
-        metrics.clone(),
-        limits.max_json_depth,
-    );
-    tracing::info!("peer connected");
-    let welcome = ServerMsg::Welcome {
-        you: peer,
-        ice_servers: state.config.ice_servers.clone(),
-    };
-    if !send_within(&mut tx, text(&welcome), write_limit).await {
-        return;
-    }
-    let mut ping = interval(limits.ping_interval());
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
-    let mut bucket = TokenBucket::new(
-        limits.rate_limit_burst,
-        limits.rate_limit_per_sec,
-        std::time::Instant::now(),
-    );
-    let mut rate_limited: u32 = 0;
-    let stopping = super::stopped(state.shutdown.clone());
-    tokio::pin!(stopping);
+        let mut ping = interval(limits.ping_interval());
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut pacing = Pacing {
+            bucket: TokenBucket::new(
+                limits.rate_limit_burst,
+                limits.rate_limit_per_sec,
+                std::time::Instant::now(),
+            ),
+            rate_limited: 0,
+            last_heard: Instant::now(),
+        };
+        let stopping = super::stopped(shutdown);
+        tokio::pin!(stopping);
 
-    let exit = loop {
-        tokio::select! {
-            frame = rx.next() => {
-                last_heard = Instant::now();
-                match frame {
-                    None => break Exit::ClientGone,
-                    Some(Ok(Message::Close(_))) => {
-                        // Complete the closing handshake: flushing sends the queued close echo.
-                        let _ = timeout(write_limit, tx.flush()).await;
+        // One await per kind of work (wait for an event, handle a client message, send one frame)
+        // keeps the task small while the socket idles.
+        let exit = loop {
+            let event = tokio::select! {
+                frame = socket.recv() => Event::Frame(frame),
+                msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
+                _ = ping.tick() => Event::Tick,
+                _ = &mut stopping => Event::Stop,
+            };
+            let step = match event {
+                Event::Frame(frame) => {
+                    pacing.last_heard = Instant::now();
+                    match on_frame(frame, &mut pacing, &metrics, limits) {
+                        Ok(Some(text)) => {
+                            match session
+                                .handle(text.as_str(), limits.max_shares_per_peer)
+                                .await
+                            {
+                                Some(reply) => Step::Send(json_frame(&reply)),
+                                None => Step::Wait,
+                            }
+                        }
+                        Ok(None) => Step::Wait,
+                        Err(step) => step,
+                    }
+                }
+                Event::Inbox(None) => Step::End(Exit::ClientGone),
+                Event::Inbox(Some(msg)) => {
+                    session.observe(&msg);
+                    Step::Send(json_frame(&msg))
+                }
+                Event::Tick => {
+                    if pacing.last_heard.elapsed() > limits.idle_timeout() {
+                        metrics.reject(Rejection::IdleTimeout);
+                        Step::End(Exit::Close(
+                            close_code::IDLE_TIMEOUT,
+                            "idle timeout",
+                            Disconnect::IdleTimeout,
+                        ))
+                    } else {
+                        Step::Send(Message::Ping(Default::default()))
+                    }
+                }
+                Event::Stop => Step::End(Exit::Close(
+                    close_code::RECONNECT,
+                    "server restarting, reconnect",
+                    Disconnect::Shutdown,
+                )),
+            };
+            match step {
+                Step::Wait => {}
+                Step::Send(frame) => {
+                    if !send_within(&mut socket, frame, write_limit).await {
                         break Exit::ClientGone;
                     }
-                    Some(Err(e)) => {
-                        // Oversize and malformed frames surface here; the read side is unusable
-                        // after any of them.
-                        let reason = match classify_read_error(&e) {
-                            ReadFailure::Gone => {
-                                tracing::debug!(error = %e, "socket ended without a close frame");
-                                break Exit::ClientGone;
-                            }
-                            ReadFailure::Oversize => Rejection::OversizeFrame,
-                            ReadFailure::Malformed => Rejection::BadFrame,
-                        };
-                        metrics.reject(reason);
-                        tracing::info!(reason = reason.label(), error = %e, "refused frame");
-                        break Exit::Close(
-                            close_code::BAD_FRAME,
-                            "frame too large or malformed",
-                            Disconnect::BadFrame,
-                        );
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        metrics.reject(Rejection::BinaryFrame);
-                        tracing::info!("refused frame: binary");
-                        break Exit::Close(
-                            close_code::BAD_FRAME,
-                            "binary frames are not accepted",
-                            Disconnect::BadFrame,
-                        );
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                    Some(Ok(Message::Text(t))) => {
-                        metrics.message_received();
-                        if bucket.try_take(std::time::Instant::now()) {
-                            // Only a client that keeps pushing past the limit is closed.
-                            rate_limited = 0;
-                        } else {
-                            metrics.reject(Rejection::RateLimited);
-                            rate_limited = rate_limited.saturating_add(1);
-                            if limits.rate_limit_close_after > 0
-                                && rate_limited >= limits.rate_limit_close_after
-                            {
-                                tracing::warn!(rejections = rate_limited, "rate limit exceeded persistently");
-                                break Exit::Close(
-                                    close_code::RATE_LIMITED,
-                                    "rate limit exceeded",
-                                    Disconnect::RateLimited,
-                                );
-                            }
-                            tracing::debug!(rejections = rate_limited, "message rate limited");
-                            let reply = ServerMsg::error(
-                                ErrorCode::RateLimited,
-                                format!(
-                                    "more than {} messages per second; slow down",
-                                    limits.rate_limit_per_sec
-                                ),
-                            );
-                            if !send_within(&mut tx, text(&reply), write_limit).await {
-                                break Exit::ClientGone;
-                            }
-                            continue;
-                        }
-                        if let Some(reply) = session.handle(t.as_str(), limits.max_shares_per_peer).await {
-                            if !send_within(&mut tx, text(&reply), write_limit).await {
-                                break Exit::ClientGone;
-                            }
-                        }
-                    }
                 }
-            }
-            msg = session.registration.inbox.recv() => {
-                let Some(msg) = msg else { break Exit::ClientGone };
-                session.observe(&msg);
-                if !send_within(&mut tx, text(&msg), write_limit).await {
-                    break Exit::ClientGone;
+                Step::End(Exit::ClientClosed) => {
+                    // Flushing sends tungstenite's queued echo: the closing handshake completes.
+                    let _ = timeout(write_limit, socket.flush()).await;
+                    break Exit::ClientClosed;
                 }
+                Step::End(exit) => break exit,
             }
-            _ = ping.tick() => {
-                if last_heard.elapsed() > limits.idle_timeout() {
-                    metrics.reject(Rejection::IdleTimeout);
-                    break Exit::Close(close_code::IDLE_TIMEOUT, "idle timeout", Disconnect::IdleTimeout);
+        };
+        metrics.disconnect(exit.cause());
+        if matches!(exit.cause(), Disconnect::Shutdown) {
+            // The peer is not gone: its browser reconnects to another node and its direct
+            // connections carry on. Telling its peers it left would tear down working transfers.
+            session.introduced.clear();
+        }
+        // Shares withdrawn, registration removed, introduced peers told; before any goodbye, which
+        // may take a while.
+        drop(session);
+        if let Exit::Close(code, reason, cause) = exit {
+            tracing::debug!(code, reason, "closing socket");
+            if send_within(&mut socket, close(code, reason), write_limit).await
+                && matches!(cause, Disconnect::RateLimited | Disconnect::BadFrame)
+            {
+                linger(&mut socket).await;
+            }
+        }
+        tracing::info!(cause = exit.cause().label(), "peer disconnected");
+    }
+}
+
+/// Checks one frame from the client: `Ok(Some(text))` is a message for the session, `Ok(None)`
+/// needs nothing, `Err(step)` is a refusal to send or the end of the connection.
+fn on_frame(
+    frame: Option<Result<Message, axum::Error>>,
+    pacing: &mut Pacing,
+    metrics: &Metrics,
+    limits: &Limits,
+) -> Result<Option<Utf8Bytes>, Step> {
+    let text = match frame {
+        None => return Err(Step::End(Exit::ClientGone)),
+        Some(Ok(Message::Close(_))) => return Err(Step::End(Exit::ClientClosed)),
+        Some(Ok(Message::Ping(_) | Message::Pong(_))) => return Ok(None),
+        Some(Ok(Message::Text(text))) => text,
+        Some(Ok(Message::Binary(_))) => {
+            metrics.reject(Rejection::BinaryFrame);
+            tracing::info!("refused frame: binary");
+            return Err(Step::End(Exit::Close(
+                close_code::BAD_FRAME,
+                "binary frames are not accepted",
+                Disconnect::BadFrame,
+            )));
+        }
+        Some(Err(e)) => {
+            // Oversize and malformed frames surface here; the read side is unusable after any
+            // of them.
+            let reason = match classify_read_error(&e) {
+                ReadFailure::Gone => {
+                    tracing::debug!(error = %e, "socket ended without a close frame");
+                    return Err(Step::End(Exit::ClientGone));
                 }
-                if !send_within(&mut tx, Message::Ping(Default::default()), write_limit).await {
-                    break Exit::ClientGone;
-                }
-            }
-            _ = &mut stopping => {
-                break Exit::Close(close_code::RECONNECT, "server restarting, reconnect", Disconnect::Shutdown);
-            }
+                ReadFailure::Oversize => Rejection::OversizeFrame,
+                ReadFailure::Malformed => Rejection::BadFrame,
+            };
+            metrics.reject(reason);
+            tracing::info!(reason = reason.label(), error = %e, "refused frame");
+            return Err(Step::End(Exit::Close(
+                close_code::BAD_FRAME,
+                "frame too large or malformed",
+                Disconnect::BadFrame,
+            )));
         }
     };
-    metrics.disconnect(exit.cause());
-    if matches!(exit.cause(), Disconnect::Shutdown) {
-        // The peer is not gone: its browser reconnects to another node and its direct
-        // connections carry on. Telling its peers it left would tear down working transfers.
-        session.introduced.clear();
+    metrics.message_received();
+    if pacing.bucket.try_take(std::time::Instant::now()) {
+        // Only a client that keeps pushing past the limit is closed.
+        pacing.rate_limited = 0;
+        return Ok(Some(text));
     }
-    // Shares withdrawn, registration removed, introduced peers told; before any goodbye, which
-    // may take a while.
-    drop(session);
-    if let Exit::Close(code, reason, cause) = exit {
-        tracing::debug!(code, reason, "closing socket");
-        if send_within(&mut tx, close(code, reason), write_limit).await
-            && matches!(cause, Disconnect::RateLimited | Disconnect::BadFrame)
-        {
-            linger(&mut rx).await;
-        }
+    metrics.reject(Rejection::RateLimited);
+    pacing.rate_limited = pacing.rate_limited.saturating_add(1);
+    if limits.rate_limit_close_after > 0 && pacing.rate_limited >= limits.rate_limit_close_after {
+        tracing::warn!(
+            rejections = pacing.rate_limited,
+            "rate limit exceeded persistently"
+        );
+        return Err(Step::End(Exit::Close(
+            close_code::RATE_LIMITED,
+            "rate limit exceeded",
+            Disconnect::RateLimited,
+        )));
     }
-    tracing::info!(cause = exit.cause().label(), "peer disconnected");
+    tracing::debug!(rejections = pacing.rate_limited, "message rate limited");
+    let reply = ServerMsg::error(
+        ErrorCode::RateLimited,
+        format!(
+            "more than {} messages per second; slow down",
+            limits.rate_limit_per_sec
+        ),
+    );
+    Err(Step::Send(json_frame(&reply)))
 }
 
 /// How long a misbehaving client's input is drained after its close frame.
@@ -336,9 +432,9 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// close reply, for at most [`CLOSE_LINGER`]. Dropping a TCP socket with unread input makes the
 /// kernel answer with a reset, which can destroy the close frame (and the code that says why)
 /// before the client reads it.
-async fn linger(rx: &mut SplitStream<WebSocket>) {
+async fn linger(socket: &mut WebSocket) {
     let drain = async {
-        while let Some(Ok(msg)) = rx.next().await {
+        while let Some(Ok(msg)) = socket.recv().await {
             if matches!(msg, Message::Close(_)) {
                 break;
             }
@@ -528,7 +624,7 @@ impl Drop for Session {
     fn drop(&mut self) {
         // Introductions still queued in the inbox count too: a receiver that joined just before
         // this socket ended must hear that its sender left.
-        self.registration.inbox.close();
+        self.registration.unregister();
         while let Ok(msg) = self.registration.inbox.try_recv() {
             self.observe(&msg);
         }

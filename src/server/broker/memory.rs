@@ -1,11 +1,10 @@
 //! In-process broker: a sharded concurrent table (DashMap) of per-peer inboxes is the topic table.
 //! Each operation touches one shard for one lookup; no lock is held across an `.await`.
 
-use super::{Broker, BrokerError, Registration, ShareLease};
+use super::{deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease};
 use crate::protocol::{PeerId, ServerMsg, ShareId};
 use dashmap::{mapref::entry::Entry, DashMap};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 #[derive(Clone)]
 pub struct MemoryBroker {
@@ -16,7 +15,7 @@ pub struct MemoryBroker {
 #[derive(Default)]
 struct Tables {
     /// `peer:<id>` → the inbox of the task registered as `peer_state:<id>`.
-    peers: DashMap<PeerId, mpsc::Sender<ServerMsg>>,
+    peers: DashMap<PeerId, Outbox>,
     shares: DashMap<ShareId, PeerId>,
 }
 
@@ -59,7 +58,7 @@ impl Drop for ShareGuard {
 #[async_trait::async_trait]
 impl Broker for MemoryBroker {
     async fn register(&self, peer: PeerId) -> Result<Registration, BrokerError> {
-        let (tx, rx) = mpsc::channel(self.inbox_capacity);
+        let (tx, rx) = topic(self.inbox_capacity);
         match self.tables.peers.entry(peer) {
             Entry::Occupied(_) => return Err(BrokerError::AlreadyRegistered),
             Entry::Vacant(slot) => {
@@ -74,17 +73,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError> {
-        // Clone the sender so the shard lock is released before sending.
-        let inbox = self
-            .tables
-            .peers
-            .get(&to)
-            .map(|e| e.value().clone())
-            .ok_or(BrokerError::UnknownPeer)?;
-        inbox.try_send(msg).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => BrokerError::PeerBusy,
-            mpsc::error::TrySendError::Closed(_) => BrokerError::UnknownPeer,
-        })
+        // Delivered under the shard's read lock (a non-blocking send): once the peer's guard has
+        // removed it from the table, nothing more can reach its inbox.
+        let outbox = self.tables.peers.get(&to).ok_or(BrokerError::UnknownPeer)?;
+        deliver(outbox.value(), msg)
     }
 
     async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError> {
@@ -133,10 +125,10 @@ mod tests {
     async fn publish_reaches_only_the_topic_owner() {
         let broker = MemoryBroker::new(4);
         let (a, b) = (PeerId::new_random(), PeerId::new_random());
-        let mut ra = broker.register(a).await.unwrap();
-        let mut rb = broker.register(b).await.unwrap();
+        let ra = broker.register(a).await.unwrap();
+        let rb = broker.register(b).await.unwrap();
         broker.publish(b, ServerMsg::Pong).await.unwrap();
-        assert_eq!(rb.inbox.recv().await, Some(ServerMsg::Pong));
+        assert_eq!(rb.inbox.recv_async().await.ok(), Some(ServerMsg::Pong));
         assert!(ra.inbox.try_recv().is_err());
         assert_eq!(
             broker.publish(PeerId::new_random(), ServerMsg::Pong).await,

@@ -11,7 +11,6 @@ pub use memory::MemoryBroker;
 
 use crate::protocol::{PeerId, ServerMsg, ShareId};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
@@ -30,19 +29,48 @@ pub enum BrokerError {
 /// Drops whatever a backend must undo when a registration or share ends.
 pub type Guard = Box<dyn Send + Sync>;
 
+/// The receiving end of a peer's topic: what was published to it, in order.
+///
+/// A flume channel: it allocates nothing until messages queue up (a tokio channel allocates a
+/// block of slots up front), which matters with thousands of idle peers per node.
+pub type Inbox = flume::Receiver<ServerMsg>;
+
+/// The sending end of a peer's topic, held only by the broker's table of local peers.
+pub type Outbox = flume::Sender<ServerMsg>;
+
+/// A peer's topic, holding at most `capacity` undelivered messages.
+pub fn topic(capacity: usize) -> (Outbox, Inbox) {
+    flume::bounded(capacity.max(1))
+}
+
+/// Hands `msg` to a local peer's inbox without waiting: a full inbox is [`BrokerError::PeerBusy`],
+/// a closed one [`BrokerError::UnknownPeer`].
+pub fn deliver(outbox: &Outbox, msg: ServerMsg) -> Result<(), BrokerError> {
+    outbox.try_send(msg).map_err(|e| match e {
+        flume::TrySendError::Full(_) => BrokerError::PeerBusy,
+        flume::TrySendError::Disconnected(_) => BrokerError::UnknownPeer,
+    })
+}
+
 /// A peer's subscription to its own topic. Dropping it unregisters the peer, whatever ends the
 /// owning task: a clean close, an error, a panic or an abort.
 pub struct Registration {
-    pub inbox: mpsc::Receiver<ServerMsg>,
-    _guard: Guard,
+    pub inbox: Inbox,
+    guard: Option<Guard>,
 }
 
 impl Registration {
-    pub fn new(inbox: mpsc::Receiver<ServerMsg>, guard: Guard) -> Self {
+    pub fn new(inbox: Inbox, guard: Guard) -> Self {
         Self {
             inbox,
-            _guard: guard,
+            guard: Some(guard),
         }
+    }
+
+    /// Unregisters now. Backends deliver only while the peer is in their table, so once this
+    /// returns nothing more arrives: what `inbox.try_recv` still yields is all there was.
+    pub fn unregister(&mut self) {
+        self.guard = None;
     }
 }
 

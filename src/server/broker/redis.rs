@@ -41,13 +41,14 @@
 //!   second of Redis accepting connections.
 //!
 //! # Differences from the memory backend
-//! - `publish` cannot see the target's inbox on another node: a full inbox drops the message on the
-//!   receiving node (logged) instead of answering [`BrokerError::PeerBusy`].
+//! - `publish` cannot see the target's inbox on another node: a full inbox there drops the message
+//!   and the receiving node sends its sender an error frame (`peer_busy`) instead of `publish`
+//!   answering [`BrokerError::PeerBusy`]. To a peer on the same node, `publish` answers at once.
 //! - Cleanup on drop is asynchronous (spawned on the current tokio runtime, if any): for a few
 //!   milliseconds after a registration or lease drops, other nodes may still see its keys.
 
-use super::{Broker, BrokerError, Registration, ShareLease};
-use crate::protocol::{PeerId, ServerMsg, ShareId};
+use super::{deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease};
+use crate::protocol::{ErrorCode, PeerId, ServerMsg, ShareId};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use ::redis::{cmd, Client, Msg, RedisError, Script, Value};
 use dashmap::{mapref::entry::Entry, DashMap};
@@ -55,7 +56,7 @@ use futures::StreamExt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, MissedTickBehavior};
 use uuid::Uuid;
@@ -140,7 +141,7 @@ struct Inner {
     opts: RedisOptions,
     publish: Script,
     /// Peers registered on this node → their inboxes. Exactly the topics this node subscribes to.
-    local: DashMap<PeerId, mpsc::Sender<ServerMsg>>,
+    local: DashMap<PeerId, Outbox>,
     /// The pub/sub connection's command side while it is up; `None` while reconnecting.
     sink: watch::Sender<Option<PubSubSink>>,
     /// Bumped after every (re)subscription: refresh tasks re-assert their keys at once.
@@ -226,8 +227,38 @@ impl Inner {
         self.opts.presence_ttl.as_millis().max(1) as u64
     }
 
-    /// Hands a message from `peer:<id>` to the local peer's inbox; never waits.
-    fn deliver(&self, msg: &Msg) {
+    /// Publishes to `peer:<to>`. A peer on this node gets it straight from the local table (a
+    /// full inbox is [`BrokerError::PeerBusy`] at once); others through Redis. A peer never moves
+    /// between nodes, so each sender→receiver path keeps its order.
+    async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError> {
+        if let Some(outbox) = self.local.get(&to) {
+            return deliver(outbox.value(), msg);
+        }
+        let payload = serde_json::to_string(&msg)
+            .map_err(|e| BrokerError::Backend(format!("encode: {e}")))?;
+        let receivers = self
+            .within(async {
+                let mut conn = self.conn.clone();
+                self.publish
+                    .key(presence_key(to))
+                    .arg(to.topic())
+                    .arg(payload)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
+        if receivers > 0 {
+            Ok(())
+        } else {
+            Err(BrokerError::UnknownPeer)
+        }
+    }
+
+    /// Hands a message from `peer:<id>` to the local peer's inbox; never waits. When the inbox is
+    /// full the message is dropped and its sender is told (`peer_busy`), as a publish on the same
+    /// node would have been.
+    fn deliver(self: &Arc<Self>, msg: &Msg) {
         let Some(peer) = msg
             .get_channel_name()
             .strip_prefix("peer:")
@@ -240,10 +271,6 @@ impl Inner {
             );
             return;
         };
-        // Clone the sender so the shard lock is released before sending.
-        let Some(inbox) = self.local.get(&peer).map(|e| e.value().clone()) else {
-            return; // the peer left between the publish and now
-        };
         let server_msg = match serde_json::from_slice::<ServerMsg>(msg.get_payload_bytes()) {
             Ok(m) => m,
             Err(e) => {
@@ -251,8 +278,29 @@ impl Inner {
                 return;
             }
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = inbox.try_send(server_msg) {
+        // Delivered under the table's shard lock (a non-blocking send): once the peer's guard has
+        // removed it, nothing more reaches its inbox.
+        let Some(outbox) = self.local.get(&peer) else {
+            return; // the peer left between the publish and now
+        };
+        let origin = match &server_msg {
+            ServerMsg::Signal { from, .. } => Some(*from),
+            ServerMsg::PeerJoined { peer, .. } => Some(*peer),
+            _ => None,
+        };
+        if let Err(BrokerError::PeerBusy) = deliver(outbox.value(), server_msg) {
+            drop(outbox);
             tracing::warn!(%peer, "inbox full: message dropped");
+            let (Some(origin), Ok(rt)) = (origin, tokio::runtime::Handle::try_current()) else {
+                return;
+            };
+            let inner = self.clone();
+            let busy = ServerMsg::error(ErrorCode::PeerBusy, BrokerError::PeerBusy.to_string());
+            rt.spawn(async move {
+                if let Err(e) = inner.publish(origin, busy).await {
+                    tracing::debug!(%origin, error = %e, "could not report a dropped message");
+                }
+            });
         }
     }
 
@@ -468,7 +516,7 @@ impl Drop for ShareGuard {
 impl Broker for RedisBroker {
     async fn register(&self, peer: PeerId) -> Result<Registration, BrokerError> {
         let inner = &self.inner;
-        let (tx, rx) = mpsc::channel(inner.opts.inbox_capacity.max(1));
+        let (tx, rx) = topic(inner.opts.inbox_capacity);
         match inner.local.entry(peer) {
             Entry::Occupied(_) => return Err(BrokerError::AlreadyRegistered),
             Entry::Vacant(slot) => {
@@ -509,27 +557,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError> {
-        let inner = &self.inner;
-        let payload = serde_json::to_string(&msg)
-            .map_err(|e| BrokerError::Backend(format!("encode: {e}")))?;
-        let receivers = inner
-            .within(async {
-                let mut conn = inner.conn.clone();
-                inner
-                    .publish
-                    .key(presence_key(to))
-                    .arg(to.topic())
-                    .arg(payload)
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-                    .map_err(backend)
-            })
-            .await?;
-        if receivers > 0 {
-            Ok(())
-        } else {
-            Err(BrokerError::UnknownPeer)
-        }
+        self.inner.publish(to, msg).await
     }
 
     async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError> {
@@ -747,7 +775,7 @@ mod tests {
     }
 
     async fn recv(reg: &mut Registration) -> ServerMsg {
-        timeout(Duration::from_secs(5), reg.inbox.recv())
+        timeout(Duration::from_secs(5), reg.inbox.recv_async())
             .await
             .expect("a message within 5 s")
             .expect("inbox open")
@@ -896,14 +924,23 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_inbox_drops_instead_of_blocking_the_node() {
+    async fn a_full_inbox_drops_and_tells_the_sender_without_blocking_the_node() {
         let redis = TestRedis::start();
         let (n1, n2) = (node(&redis, fast()).await, node(&redis, fast()).await);
-        let (slow, other) = (PeerId::new_random(), PeerId::new_random());
-        let mut r_slow = n2.register(slow).await.unwrap();
+        let (slow, other, origin) = (
+            PeerId::new_random(),
+            PeerId::new_random(),
+            PeerId::new_random(),
+        );
+        let r_slow = n2.register(slow).await.unwrap();
         let mut r_other = n2.register(other).await.unwrap();
-        for i in 0..10 {
-            n1.publish(slow, signal(i, "flood")).await.unwrap();
+        let mut r_origin = n1.register(origin).await.unwrap();
+        let from_origin = |payload: &str| ServerMsg::Signal {
+            from: origin,
+            payload: payload.into(),
+        };
+        for _ in 0..10 {
+            n1.publish(slow, from_origin("flood")).await.unwrap();
         }
         n1.publish(other, signal(99, "fine")).await.unwrap();
         // The subscriber kept going: the other peer on the same node got its message.
@@ -913,6 +950,20 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, 4, "the inbox capacity, in order, the rest dropped");
+        // No silent loss: the sender hears about the drop (six times, once per message).
+        let busy = ServerMsg::error(ErrorCode::PeerBusy, BrokerError::PeerBusy.to_string());
+        assert_eq!(recv(&mut r_origin).await, busy);
+
+        // On the same node the publisher is answered at once.
+        let local = PeerId::new_random();
+        let _r_local = n1.register(local).await.unwrap();
+        for _ in 0..4 {
+            n1.publish(local, from_origin("x")).await.unwrap();
+        }
+        assert_eq!(
+            n1.publish(local, from_origin("x")).await,
+            Err(BrokerError::PeerBusy)
+        );
     }
 
     /// A node whose process dies cleans nothing up: its connections close, so its peers are
