@@ -123,6 +123,7 @@ pub enum StartError {
 /// A server running on its own task.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    broker: DynBroker,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
 }
@@ -131,6 +132,8 @@ impl RunningServer {
     /// Stops accepting, tells every socket to reconnect elsewhere, and waits for the drain.
     pub async fn shutdown(self) -> std::io::Result<()> {
         let _ = self.stop.send(true);
+        // Every socket task hears it through its inbox.
+        self.broker.close();
         match self.task.await {
             Ok(result) => result,
             Err(e) => Err(std::io::Error::other(e)),
@@ -167,7 +170,7 @@ pub async fn start(
         source,
     })?;
     let (stop, shutdown) = watch::channel(false);
-    let state = AppState::new(leptos_options, broker, config, shutdown.clone());
+    let state = AppState::new(leptos_options, broker.clone(), config, shutdown.clone());
     // The peer address feeds the per-IP connection cap.
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Signaling is small messages that must go out at once: without TCP_NODELAY, Nagle's algorithm
@@ -181,7 +184,12 @@ pub async fn start(
             .with_graceful_shutdown(stopped(shutdown))
             .await
     });
-    Ok(RunningServer { addr, stop, task })
+    Ok(RunningServer {
+        addr,
+        broker,
+        stop,
+        task,
+    })
 }
 
 #[cfg(test)]
@@ -217,6 +225,7 @@ mod tests {
         async fn health(&self) -> Result<(), BrokerError> {
             down()
         }
+        fn close(&self) {}
     }
 
     fn state(broker: DynBroker) -> AppState {

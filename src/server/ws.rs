@@ -26,7 +26,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
 use tracing::Instrument;
 
@@ -81,7 +80,6 @@ pub async fn handler(
         broker: state.broker,
         config: state.config,
         metrics: state.metrics,
-        shutdown: state.shutdown,
         ip_slot: slot,
     };
     // A small read buffer instead of tungstenite's zero-filled 128 KiB: signaling frames are
@@ -104,7 +102,6 @@ struct Conn {
     broker: DynBroker,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
     /// Held for the socket's whole life: the slot goes back when the task ends.
     ip_slot: Option<IpSlot>,
 }
@@ -114,6 +111,12 @@ fn close(code: u16, reason: &'static str) -> Message {
         code,
         reason: Utf8Bytes::from_static(reason),
     }))
+}
+
+const RECONNECT_REASON: &str = "server restarting, reconnect";
+
+fn reconnect() -> Message {
+    close(close_code::RECONNECT, RECONNECT_REASON)
 }
 
 fn json_frame(msg: &ServerMsg) -> Message {
@@ -190,7 +193,6 @@ enum Event {
     Frame(Option<Result<Message, axum::Error>>),
     Inbox(Option<ServerMsg>),
     Tick,
-    Stop,
 }
 
 /// What the task does next.
@@ -215,7 +217,6 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         broker,
         config,
         metrics,
-        shutdown,
         ip_slot,
     } = conn;
     async move {
@@ -225,6 +226,11 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         let write_limit = limits.idle_timeout();
         let registration = match broker.register(peer).await {
             Ok(r) => r,
+            Err(BrokerError::Closed) => {
+                metrics.disconnect(Disconnect::Shutdown);
+                let _ = send_within(&mut socket, reconnect(), write_limit).await;
+                return;
+            }
             Err(e) => {
                 metrics.broker_error(&e);
                 metrics.reject(Rejection::RegistrationFailed);
@@ -265,17 +271,14 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             rate_limited: 0,
             last_heard: Instant::now(),
         };
-        let stopping = super::stopped(shutdown);
-        tokio::pin!(stopping);
 
         // One await per kind of work (wait for an event, handle a client message, send one frame)
         // keeps the task small while the socket idles.
         let exit = loop {
             let event = tokio::select! {
-                frame = socket.recv() => Event::Frame(frame),
-                msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
-                _ = ping.tick() => Event::Tick,
-                _ = &mut stopping => Event::Stop,
+            frame = socket.recv() => Event::Frame(frame),
+            msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
+            _ = ping.tick() => Event::Tick,
             };
             let step = match event {
                 Event::Frame(frame) => {
@@ -294,7 +297,12 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                         Err(step) => step,
                     }
                 }
-                Event::Inbox(None) => Step::End(Exit::ClientGone),
+                // Only the broker ends an inbox while its peer is registered: the node is stopping.
+                Event::Inbox(None) => Step::End(Exit::Close(
+                    close_code::RECONNECT,
+                    RECONNECT_REASON,
+                    Disconnect::Shutdown,
+                )),
                 Event::Inbox(Some(msg)) => {
                     session.observe(&msg);
                     Step::Send(json_frame(&msg))
@@ -311,11 +319,6 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                         Step::Send(Message::Ping(Default::default()))
                     }
                 }
-                Event::Stop => Step::End(Exit::Close(
-                    close_code::RECONNECT,
-                    "server restarting, reconnect",
-                    Disconnect::Shutdown,
-                )),
             };
             match step {
                 Step::Wait => {}

@@ -4,6 +4,7 @@
 use super::{deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease};
 use crate::protocol::{PeerId, ServerMsg, ShareId};
 use dashmap::{mapref::entry::Entry, DashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -17,6 +18,8 @@ struct Tables {
     /// `peer:<id>` → the inbox of the task registered as `peer_state:<id>`.
     peers: DashMap<PeerId, Outbox>,
     shares: DashMap<ShareId, PeerId>,
+    /// Set by [`Broker::close`].
+    closed: AtomicBool,
 }
 
 impl MemoryBroker {
@@ -69,6 +72,10 @@ impl Broker for MemoryBroker {
             tables: self.tables.clone(),
             peer,
         };
+        // After the insert: either `close` sees this peer in the table, or this sees the flag.
+        if self.tables.closed.load(Ordering::SeqCst) {
+            return Err(BrokerError::Closed);
+        }
         Ok(Registration::new(rx, Box::new(guard)))
     }
 
@@ -103,6 +110,11 @@ impl Broker for MemoryBroker {
 
     async fn health(&self) -> Result<(), BrokerError> {
         Ok(())
+    }
+
+    fn close(&self) {
+        self.tables.closed.store(true, Ordering::SeqCst);
+        self.tables.peers.clear();
     }
 }
 
@@ -176,6 +188,20 @@ mod tests {
         task.abort();
         assert!(task.await.unwrap_err().is_cancelled());
         eventually_unregistered(&broker, peer).await;
+        assert_eq!(broker.peer_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn closing_ends_every_inbox_and_refuses_new_peers() {
+        let broker = MemoryBroker::new(4);
+        let a = PeerId::new_random();
+        let ra = broker.register(a).await.unwrap();
+        broker.close();
+        assert!(ra.inbox.recv_async().await.is_err(), "the inbox ended");
+        assert_eq!(
+            broker.register(PeerId::new_random()).await.err(),
+            Some(BrokerError::Closed)
+        );
         assert_eq!(broker.peer_count(), 0);
     }
 

@@ -20,6 +20,8 @@ pub enum BrokerError {
     PeerBusy,
     #[error("peer id already registered")]
     AlreadyRegistered,
+    #[error("this node is shutting down")]
+    Closed,
     #[error("unsupported broker URI {0:?} (expected memory:// or redis://host:port)")]
     UnsupportedUri(String),
     #[error("backend: {0}")]
@@ -103,6 +105,11 @@ pub trait Broker: Send + Sync + 'static {
     async fn share_owner(&self, share: &ShareId) -> Result<Option<PeerId>, BrokerError>;
     /// Ok when the backend (e.g. the backplane) is reachable: drives `/healthz` readiness.
     async fn health(&self) -> Result<(), BrokerError>;
+    /// The node is shutting down: ends the inbox of every peer registered here (their socket
+    /// tasks then close with "reconnect") and refuses new registrations with
+    /// [`BrokerError::Closed`]. One signal through the table the node already has, instead of a
+    /// shutdown listener in every socket task.
+    fn close(&self);
 }
 
 pub type DynBroker = Arc<dyn Broker>;

@@ -54,6 +54,7 @@ use ::redis::{cmd, Client, Msg, RedisError, Script, Value};
 use dashmap::{mapref::entry::Entry, DashMap};
 use futures::StreamExt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -142,6 +143,8 @@ struct Inner {
     publish: Script,
     /// Peers registered on this node → their inboxes. Exactly the topics this node subscribes to.
     local: DashMap<PeerId, Outbox>,
+    /// Set by [`Broker::close`].
+    closed: AtomicBool,
     /// The pub/sub connection's command side while it is up; `None` while reconnecting.
     sink: watch::Sender<Option<PubSubSink>>,
     /// Bumped after every (re)subscription: refresh tasks re-assert their keys at once.
@@ -178,6 +181,7 @@ impl RedisBroker {
             opts,
             publish: Script::new(PUBLISH_SCRIPT),
             local: DashMap::new(),
+            closed: AtomicBool::new(false),
             sink: watch::Sender::new(Some(sink.clone())),
             epoch: watch::Sender::new(0),
         });
@@ -530,6 +534,10 @@ impl Broker for RedisBroker {
             owns_key: false,
             refresher: None,
         };
+        // After the insert: either `close` sees this peer in the table, or this sees the flag.
+        if inner.closed.load(Ordering::SeqCst) {
+            return Err(BrokerError::Closed);
+        }
         let key = presence_key(peer);
         // Subscribe before the key exists: once other nodes can see the peer, it can hear them.
         let created = inner
@@ -643,6 +651,12 @@ impl Broker for RedisBroker {
             ));
         }
         Ok(())
+    }
+
+    fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        // The guards of the peers' registrations still unsubscribe and delete their keys.
+        self.inner.local.clear();
     }
 }
 
