@@ -26,7 +26,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
+use tokio::time::{sleep, timeout, Instant};
 use tracing::Instrument;
 
 pub async fn handler(
@@ -95,7 +95,7 @@ pub async fn handler(
 }
 
 /// Initial size of a socket's read buffer (it grows to fit a larger frame).
-const READ_BUFFER_BYTES: usize = 256;
+const READ_BUFFER_BYTES: usize = 128;
 
 /// What a socket task keeps of [`AppState`].
 struct Conn {
@@ -260,8 +260,9 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         if !send_within(&mut socket, welcome, write_limit).await {
             return;
         }
-        let mut ping = interval(limits.ping_interval());
-        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A timer in the task itself (an `Interval` would box one), re-armed at every tick.
+        let ping = sleep(limits.ping_interval());
+        tokio::pin!(ping);
         let mut pacing = Pacing {
             bucket: TokenBucket::new(
                 limits.rate_limit_burst,
@@ -278,7 +279,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             let event = tokio::select! {
             frame = socket.recv() => Event::Frame(frame),
             msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
-            _ = ping.tick() => Event::Tick,
+            _ = &mut ping => Event::Tick,
             };
             let step = match event {
                 Event::Frame(frame) => {
@@ -308,6 +309,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                     Step::Send(json_frame(&msg))
                 }
                 Event::Tick => {
+                    ping.as_mut().reset(Instant::now() + limits.ping_interval());
                     if pacing.last_heard.elapsed() > limits.idle_timeout() {
                         metrics.reject(Rejection::IdleTimeout);
                         Step::End(Exit::Close(
