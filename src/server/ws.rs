@@ -135,7 +135,9 @@ fn send_within<'a>(
     msg: Message,
     limit: Duration,
 ) -> impl Future<Output = bool> + 'a {
-    timeout(limit, tx.send(msg)).map(|sent| matches!(sent, Ok(Ok(()))))
+    // The sink's `send`, not axum's inherent `WebSocket::send`, whose future holds the message
+    // twice.
+    timeout(limit, SinkExt::send(tx, msg)).map(|sent| matches!(sent, Ok(Ok(()))))
 }
 
 /// Why the loop ended, and what (if anything) to tell the client.
@@ -197,9 +199,52 @@ enum Event {
 
 /// What the task does next.
 enum Step {
+    /// Hand a client message to the session.
+    Handle(Utf8Bytes),
     Send(Message),
+    /// Re-arm the ping timer and ping the client.
+    Ping,
     Wait,
     End(Exit),
+}
+
+/// Decides what an event asks for, without waiting on anything.
+fn on_event(
+    event: Event,
+    session: &mut Session,
+    pacing: &mut Pacing,
+    metrics: &Metrics,
+    limits: &Limits,
+) -> Step {
+    match event {
+        Event::Frame(frame) => {
+            pacing.last_heard = Instant::now();
+            match on_frame(frame, pacing, metrics, limits) {
+                Ok(Some(text)) => Step::Handle(text),
+                Ok(None) => Step::Wait,
+                Err(step) => step,
+            }
+        }
+        // Only the broker ends an inbox while its peer is registered: the node is stopping.
+        Event::Inbox(None) => Step::End(Exit::Close(
+            close_code::RECONNECT,
+            RECONNECT_REASON,
+            Disconnect::Shutdown,
+        )),
+        Event::Inbox(Some(msg)) => {
+            session.observe(&msg);
+            Step::Send(json_frame(&msg))
+        }
+        Event::Tick if pacing.last_heard.elapsed() > limits.idle_timeout() => {
+            metrics.reject(Rejection::IdleTimeout);
+            Step::End(Exit::Close(
+                close_code::IDLE_TIMEOUT,
+                "idle timeout",
+                Disconnect::IdleTimeout,
+            ))
+        }
+        Event::Tick => Step::Ping,
+    }
 }
 
 /// The per-connection limits and counters the loop consults on every client frame.
@@ -273,70 +318,41 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             last_heard: Instant::now(),
         };
 
-        // One await per kind of work (wait for an event, handle a client message, send one frame)
-        // keeps the task small while the socket idles.
+        // One await per kind of work (wait for an event, handle a client message, send one frame),
+        // and nothing held across them but the connection's own state: the task stays small
+        // while the socket idles.
         let exit = loop {
             let event = tokio::select! {
-            frame = socket.recv() => Event::Frame(frame),
-            msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
-            _ = &mut ping => Event::Tick,
+                frame = socket.recv() => Event::Frame(frame),
+                msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
+                _ = &mut ping => Event::Tick,
             };
-            let step = match event {
-                Event::Frame(frame) => {
-                    pacing.last_heard = Instant::now();
-                    match on_frame(frame, &mut pacing, &metrics, limits) {
-                        Ok(Some(text)) => {
-                            match session
-                                .handle(text.as_str(), limits.max_shares_per_peer)
-                                .await
-                            {
-                                Some(reply) => Step::Send(json_frame(&reply)),
-                                None => Step::Wait,
-                            }
-                        }
-                        Ok(None) => Step::Wait,
-                        Err(step) => step,
+            let frame = match on_event(event, &mut session, &mut pacing, &metrics, limits) {
+                Step::Handle(text) => {
+                    match session
+                        .handle(text.as_str(), limits.max_shares_per_peer)
+                        .await
+                    {
+                        Some(reply) => json_frame(&reply),
+                        None => continue,
                     }
                 }
-                // Only the broker ends an inbox while its peer is registered: the node is stopping.
-                Event::Inbox(None) => Step::End(Exit::Close(
-                    close_code::RECONNECT,
-                    RECONNECT_REASON,
-                    Disconnect::Shutdown,
-                )),
-                Event::Inbox(Some(msg)) => {
-                    session.observe(&msg);
-                    Step::Send(json_frame(&msg))
-                }
-                Event::Tick => {
+                Step::Send(frame) => frame,
+                Step::Wait => continue,
+                Step::Ping => {
                     ping.as_mut().reset(Instant::now() + limits.ping_interval());
-                    if pacing.last_heard.elapsed() > limits.idle_timeout() {
-                        metrics.reject(Rejection::IdleTimeout);
-                        Step::End(Exit::Close(
-                            close_code::IDLE_TIMEOUT,
-                            "idle timeout",
-                            Disconnect::IdleTimeout,
-                        ))
-                    } else {
-                        Step::Send(Message::Ping(Default::default()))
-                    }
-                }
-            };
-            match step {
-                Step::Wait => {}
-                Step::Send(frame) => {
-                    if !send_within(&mut socket, frame, write_limit).await {
-                        break Exit::ClientGone;
-                    }
-                }
-                Step::End(Exit::ClientClosed) => {
-                    // Flushing sends tungstenite's queued echo: the closing handshake completes.
-                    let _ = timeout(write_limit, socket.flush()).await;
-                    break Exit::ClientClosed;
+                    Message::Ping(Default::default())
                 }
                 Step::End(exit) => break exit,
+            };
+            if !send_within(&mut socket, frame, write_limit).await {
+                break Exit::ClientGone;
             }
         };
+        if let Exit::ClientClosed = exit {
+            // Flushing sends tungstenite's queued echo: the closing handshake completes.
+            let _ = timeout(write_limit, socket.flush()).await;
+        }
         metrics.disconnect(exit.cause());
         if matches!(exit.cause(), Disconnect::Shutdown) {
             // The peer is not gone: its browser reconnects to another node and its direct
