@@ -630,7 +630,7 @@ async fn make_pair(
     let introduce = async {
         send_msg(&mut a, &ClientMsg::CreateShare).await?;
         let share = match next_msg(&mut a).await? {
-            ServerMsg::ShareCreated { share } => share,
+            ServerMsg::ShareCreated { share, .. } => share,
             other => return Err(format!("expected share_created, got {other:?}")),
         };
         send_msg(&mut b, &ClientMsg::Join { share }).await?;

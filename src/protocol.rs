@@ -55,13 +55,17 @@ impl ShareId {
     }
 }
 
+/// 128 bits as 32 lowercase hex digits: the form of share ids and claim tokens.
+fn is_hex128(s: &str) -> bool {
+    s.len() == SHARE_ID_LEN
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl TryFrom<String> for ShareId {
     type Error = BadShareId;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        let ok = s.len() == SHARE_ID_LEN
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        if ok {
+        if is_hex128(&s) {
             Ok(Self(s))
         } else {
             Err(BadShareId)
@@ -88,6 +92,61 @@ impl fmt::Display for ShareId {
     }
 }
 
+/// Proof that a connection speaks for a share's sender: 128 random bits as 32 lowercase hex
+/// digits, told only to the socket that created the share (in [`ServerMsg::ShareCreated`]). After
+/// a reconnect the sender's page presents it in [`ClientMsg::ReclaimShare`] to take the same share
+/// id back under its new peer id. The server keeps only a hash of it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ClaimToken(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a claim token is 32 lowercase hex digits")]
+pub struct BadClaimToken;
+
+impl ClaimToken {
+    #[cfg(feature = "ssr")]
+    pub fn new_random() -> Self {
+        let bytes: [u8; 16] = rand::random();
+        Self(hex::encode(bytes))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ClaimToken {
+    type Error = BadClaimToken;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if is_hex128(&s) {
+            Ok(Self(s))
+        } else {
+            Err(BadClaimToken)
+        }
+    }
+}
+
+impl std::str::FromStr for ClaimToken {
+    type Err = BadClaimToken;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::try_from(s.to_owned())
+    }
+}
+
+impl From<ClaimToken> for String {
+    fn from(t: ClaimToken) -> String {
+        t.0
+    }
+}
+
+/// A secret: never printed, so it cannot end up in a log line by accident.
+impl fmt::Debug for ClaimToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClaimToken(..)")
+    }
+}
+
 /// One ICE server handed to browsers (from the server's config).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IceServer {
@@ -104,6 +163,11 @@ pub struct IceServer {
 pub enum ClientMsg {
     /// Create a share bound to this connection's peer.
     CreateShare,
+    /// After a reconnect: bind the share this page created earlier (same id, so the link already
+    /// handed out keeps working) to this connection's peer. Answered with
+    /// [`ServerMsg::ShareReclaimed`], or [`ErrorCode::ReclaimRefused`] when the token does not
+    /// match or the share is long gone.
+    ReclaimShare { share: ShareId, token: ClaimToken },
     /// Join a share as a receiver: introduces this peer and the share's owner to each other.
     Join { share: ShareId },
     /// Relay an opaque payload to a peer this peer was introduced to. The server fills in `from`.
@@ -121,7 +185,13 @@ pub enum ServerMsg {
         you: PeerId,
         ice_servers: Vec<IceServer>,
     },
+    /// The new share, and the token that lets this page reclaim it after a reconnect.
     ShareCreated {
+        share: ShareId,
+        token: ClaimToken,
+    },
+    /// The share is bound to this connection's peer again; receivers can join it.
+    ShareReclaimed {
         share: ShareId,
     },
     /// To a receiver after [`ClientMsg::Join`]: the share's sender.
@@ -177,6 +247,9 @@ pub enum ErrorCode {
     /// This connection sent messages faster than its rate limit: slow down. Persisting closes the
     /// socket with [`close_code::RATE_LIMITED`].
     RateLimited,
+    /// A [`ClientMsg::ReclaimShare`] with a token that does not match, or for a share the server
+    /// no longer knows (never existed, or gone longer than the reclaim window): nothing changed.
+    ReclaimRefused,
 }
 
 /// What two browsers exchange inside [`ClientMsg::Signal`] / [`ServerMsg::Signal`] payloads.
@@ -299,6 +372,10 @@ mod tests {
         "0123456789abcdef0123456789abcdef".parse().unwrap()
     }
 
+    fn token() -> ClaimToken {
+        "fedcba9876543210fedcba9876543210".parse().unwrap()
+    }
+
     #[test]
     fn client_messages_golden_json() {
         let cases = [
@@ -315,6 +392,14 @@ mod tests {
                 json!({"type": "signal", "to": "00000000-0000-0000-0000-000000000001", "payload": "opaque"}),
             ),
             (ClientMsg::Ping, json!({"type": "ping"})),
+            (
+                ClientMsg::ReclaimShare {
+                    share: share(),
+                    token: token(),
+                },
+                json!({"type": "reclaim_share", "share": "0123456789abcdef0123456789abcdef",
+                       "token": "fedcba9876543210fedcba9876543210"}),
+            ),
         ];
         for (msg, golden) in cases {
             assert_eq!(serde_json::to_value(&msg).unwrap(), golden);
@@ -337,8 +422,16 @@ mod tests {
                        "ice_servers": [{"urls": ["stun:127.0.0.1:3478"]}]}),
             ),
             (
-                ServerMsg::ShareCreated { share: share() },
-                json!({"type": "share_created", "share": "0123456789abcdef0123456789abcdef"}),
+                ServerMsg::ShareCreated {
+                    share: share(),
+                    token: token(),
+                },
+                json!({"type": "share_created", "share": "0123456789abcdef0123456789abcdef",
+                       "token": "fedcba9876543210fedcba9876543210"}),
+            ),
+            (
+                ServerMsg::ShareReclaimed { share: share() },
+                json!({"type": "share_reclaimed", "share": "0123456789abcdef0123456789abcdef"}),
             ),
             (
                 ServerMsg::Joined {
@@ -375,6 +468,10 @@ mod tests {
             (
                 ServerMsg::error(ErrorCode::RateLimited, "slow down"),
                 json!({"type": "error", "code": "rate_limited", "message": "slow down"}),
+            ),
+            (
+                ServerMsg::error(ErrorCode::ReclaimRefused, "no"),
+                json!({"type": "error", "code": "reclaim_refused", "message": "no"}),
             ),
         ];
         for (msg, golden) in cases {
@@ -413,6 +510,25 @@ mod tests {
     }
 
     #[test]
+    fn claim_tokens_are_validated_and_never_printed() {
+        for bad in [
+            "",
+            "FEDCBA9876543210FEDCBA9876543210",
+            "fedcba98",
+            "x".repeat(32).as_str(),
+        ] {
+            assert!(bad.parse::<ClaimToken>().is_err(), "{bad:?}");
+        }
+        let missing = json!({"type": "reclaim_share", "share": "0123456789abcdef0123456789abcdef"});
+        assert!(serde_json::from_value::<ClientMsg>(missing).is_err());
+        let msg = ClientMsg::ReclaimShare {
+            share: share(),
+            token: token(),
+        };
+        assert!(!format!("{msg:?}").contains(token().as_str()));
+    }
+
+    #[test]
     fn unknown_types_are_rejected() {
         assert!(serde_json::from_str::<ClientMsg>(r#"{"type":"shutdown"}"#).is_err());
         assert!(serde_json::from_str::<ClientMsg>(r#"{"to":"x"}"#).is_err());
@@ -428,6 +544,7 @@ mod tests {
             (ErrorCode::TooManyShares, "too_many_shares"),
             (ErrorCode::Internal, "internal"),
             (ErrorCode::RateLimited, "rate_limited"),
+            (ErrorCode::ReclaimRefused, "reclaim_refused"),
         ];
         for (code, golden) in cases {
             assert_eq!(serde_json::to_value(code).unwrap(), json!(golden));
@@ -659,12 +776,14 @@ mod tests {
                 }
                 _ => {
                     // Swap one message type tag for another (or for nonsense).
-                    let from = *rng.pick(&["ping", "join", "signal", "create_share"]);
+                    let from =
+                        *rng.pick(&["ping", "join", "signal", "create_share", "reclaim_share"]);
                     let to = *rng.pick(&[
                         "ping",
                         "join",
                         "signal",
                         "create_share",
+                        "reclaim_share",
                         "error",
                         "",
                         "PING",
@@ -683,6 +802,10 @@ mod tests {
             ClientMsg::Ping,
             ClientMsg::CreateShare,
             ClientMsg::Join { share: share() },
+            ClientMsg::ReclaimShare {
+                share: share(),
+                token: token(),
+            },
             ClientMsg::Signal {
                 to: pid(7),
                 payload: "{\"type\":\"offer\",\"sdp\":\"v=0\\r\\n\"} [ { \\ ünïcødé ✓".into(),
@@ -749,5 +872,8 @@ mod tests {
         let b = ShareId::new_random();
         assert_ne!(a, b);
         assert_eq!(a.as_str().parse::<ShareId>().unwrap(), a);
+        let t = ClaimToken::new_random();
+        assert_ne!(t, ClaimToken::new_random());
+        assert_eq!(t.as_str().parse::<ClaimToken>().unwrap(), t);
     }
 }

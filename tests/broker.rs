@@ -5,7 +5,9 @@
 
 mod common;
 
-use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
+use beamdrop::protocol::{
+    close_code, ClaimToken, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId,
+};
 use beamdrop::server::config::{Config, Limits};
 use common::*;
 use futures::{SinkExt, StreamExt};
@@ -629,4 +631,75 @@ async fn a_receiver_that_joins_as_the_sender_leaves_still_hears_it_left() {
         }
         stop(server).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_reconnects_reclaims_its_share_with_its_token_only() {
+    let mut config = config();
+    config.limits.max_shares_per_peer = 1;
+    let server = server_with(config).await;
+    let addr = server.addr;
+    let (mut a, a_id) = connect(addr).await;
+    let (share, token) = create_claimed_share(&mut a).await;
+    let (mut b, b_id) = connect(addr).await;
+    introduce(&mut a, a_id, &share, &mut b, b_id).await;
+
+    // Someone with the share id (every receiver has it) but not the token, or with the token
+    // for another id: refused, and the sender keeps its share.
+    let wrong: ClaimToken = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    let other: ShareId = "fedcba9876543210fedcba9876543210".parse().unwrap();
+    let (mut t, _) = connect(addr).await;
+    for (s, k) in [(&share, &wrong), (&other, &token)] {
+        assert!(matches!(
+            reclaim(&mut t, s, k).await,
+            ServerMsg::Error {
+                code: ErrorCode::ReclaimRefused,
+                ..
+            }
+        ));
+    }
+    let (mut c, c_id) = connect(addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    // The sender's socket drops: the share goes with it, and its receivers hear it left.
+    drop(a);
+    assert_eq!(recv(&mut b).await, ServerMsg::PeerLeft { peer: a_id });
+    assert_eq!(recv(&mut c).await, ServerMsg::PeerLeft { peer: a_id });
+    let (mut d, d_id) = connect(addr).await;
+    send(
+        &mut d,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    expect_error(&mut d, ErrorCode::NoSuchShare).await;
+
+    // It comes back as a new peer and takes the same share id back with its token.
+    let (mut a2, a2_id) = connect(addr).await;
+    assert_ne!(a2_id, a_id);
+    let reclaimed = ServerMsg::ShareReclaimed {
+        share: share.clone(),
+    };
+    assert_eq!(reclaim(&mut a2, &share, &token).await, reclaimed);
+    // Asking again on the same connection changes nothing and takes no second slot...
+    assert_eq!(reclaim(&mut a2, &share, &token).await, reclaimed);
+    // ...and the limit holds: one share per peer here.
+    send(&mut a2, &ClientMsg::CreateShare).await;
+    expect_error(&mut a2, ErrorCode::TooManyShares).await;
+
+    // New receivers, and earlier ones joining again, reach the sender under its new id.
+    introduce(&mut a2, a2_id, &share, &mut d, d_id).await;
+    assert_relays(&mut a2, a2_id, &mut d, d_id).await;
+    introduce(&mut a2, a2_id, &share, &mut b, b_id).await;
+    // The wrong token still gets nowhere, and leaves the owner alone.
+    assert!(matches!(
+        reclaim(&mut t, &share, &wrong).await,
+        ServerMsg::Error {
+            code: ErrorCode::ReclaimRefused,
+            ..
+        }
+    ));
+    introduce(&mut a2, a2_id, &share, &mut c, c_id).await;
+    stop(server).await;
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use beamdrop::protocol::{close_code, ClientMsg, ErrorCode, ServerMsg, ShareId};
+use beamdrop::protocol::{close_code, ClaimToken, ClientMsg, ErrorCode, ServerMsg, ShareId};
 use beamdrop::server::config::{Config, Limits};
 use common::*;
 use futures::{SinkExt, StreamExt};
@@ -408,11 +408,17 @@ async fn metrics_count_traffic_and_every_rejection() {
 
     // A share, a join and a relayed signal.
     send(&mut a, &ClientMsg::CreateShare).await;
-    let ServerMsg::ShareCreated { share } = recv(&mut a).await else {
+    let ServerMsg::ShareCreated { share, token } = recv(&mut a).await else {
         panic!("expected ShareCreated");
     };
     assert_eq!(metric(addr, "beamdrop_shares").await, 1);
-    send(&mut b, &ClientMsg::Join { share }).await;
+    send(
+        &mut b,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
     assert!(matches!(recv(&mut b).await, ServerMsg::Joined { .. }));
     assert!(matches!(recv(&mut a).await, ServerMsg::PeerJoined { .. }));
     send(
@@ -453,6 +459,27 @@ async fn metrics_count_traffic_and_every_rejection() {
         1
     );
     assert_eq!(metric(addr, "beamdrop_backend_errors_total").await, 0);
+
+    // The sender back on a new socket: a reclaim with a wrong token is a refusal (with its own
+    // reason); one with the right token is counted and makes the share live again.
+    let (mut a2, _) = connect(addr).await;
+    let wrong: ClaimToken = "0123456789abcdef0123456789abcdef".parse().unwrap();
+    assert!(matches!(
+        reclaim(&mut a2, &share, &wrong).await,
+        ServerMsg::Error {
+            code: ErrorCode::ReclaimRefused,
+            ..
+        }
+    ));
+    assert_eq!(metric(addr, &rejections("reclaim_refused")).await, 1);
+    assert_eq!(metric(addr, "beamdrop_shares_reclaimed_total").await, 0);
+    assert_eq!(
+        reclaim(&mut a2, &share, &token).await,
+        ServerMsg::ShareReclaimed { share }
+    );
+    assert_eq!(metric(addr, "beamdrop_shares_reclaimed_total").await, 1);
+    assert_eq!(metric(addr, "beamdrop_shares_created_total").await, 1);
+    assert_eq!(metric(addr, "beamdrop_shares").await, 1);
     stop(server).await;
 }
 

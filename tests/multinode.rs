@@ -6,12 +6,14 @@
 
 mod common;
 
-use beamdrop::protocol::{ClientMsg, ErrorCode, ServerMsg};
+use beamdrop::protocol::{close_code, ClaimToken, ClientMsg, ErrorCode, ServerMsg};
 use beamdrop::server::{start, RunningServer};
 use common::*;
+use futures::StreamExt;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::Message;
 
 /// The Redis backend's presence TTL (`RedisOptions::default().presence_ttl`).
 const PRESENCE_TTL: Duration = Duration::from_secs(10);
@@ -93,9 +95,156 @@ where
     panic!("not within {within:?}: {what}");
 }
 
+/// Reads until the server closes the socket; the close code.
+async fn close_code_of(ws: &mut Ws) -> Option<u16> {
+    loop {
+        match timeout(STEP, ws.next()).await.expect("closed in time") {
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// A wrong claim token: any valid token but the share's.
+fn wrong_token() -> ClaimToken {
+    "0123456789abcdef0123456789abcdef".parse().unwrap()
+}
+
+/// Whether a receiver on a fresh connection to `addr` is refused `share` as unknown.
+async fn join_refused(addr: SocketAddr, share: &beamdrop::protocol::ShareId) -> bool {
+    let (mut ws, _) = connect(addr).await;
+    send(
+        &mut ws,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    matches!(
+        recv(&mut ws).await,
+        ServerMsg::Error {
+            code: ErrorCode::NoSuchShare,
+            ..
+        }
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------------------------
+
+/// The rolling-restart case: a node asked to stop (SIGTERM) closes its sockets with 4003, and the
+/// sender's page reconnects elsewhere and keeps its share id, so the link it handed out works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_reclaims_its_share_on_another_node_after_its_node_stops() {
+    let redis = TestRedis::start();
+    let (n1, n2, n3) = (node(&redis).await, node(&redis).await, node(&redis).await);
+    let (n2_addr, n3_addr) = (n2.addr, n3.addr);
+    let (mut a, a_id) = connect(n1.addr).await;
+    let (share, token) = create_claimed_share(&mut a).await;
+    let (mut b, b_id) = connect(n2_addr).await;
+    introduce(&mut a, a_id, &share, &mut b, b_id).await;
+
+    stop(n1).await;
+    assert_eq!(close_code_of(&mut a).await, Some(close_code::RECONNECT));
+    // A shutdown is not a departure: the receiver (whose direct connection goes on) is not told
+    // its sender left. The share, though, is not reachable until its sender is back.
+    assert_silent(&mut b, "the receiver of a sender whose node stopped").await;
+    eventually(STEP, "the stopped node's share is unreachable", || {
+        join_refused(n3_addr, &share)
+    })
+    .await;
+
+    // Back on node 2 under a new peer id. A wrong token changes nothing...
+    let (mut a2, a2_id) = connect(n2_addr).await;
+    assert!(matches!(
+        reclaim(&mut a2, &share, &wrong_token()).await,
+        ServerMsg::Error {
+            code: ErrorCode::ReclaimRefused,
+            ..
+        }
+    ));
+    assert!(join_refused(n3_addr, &share).await);
+    // ...the right one brings the same share id back.
+    assert_eq!(
+        reclaim(&mut a2, &share, &token).await,
+        ServerMsg::ShareReclaimed {
+            share: share.clone()
+        }
+    );
+    assert!(redis.exists(&format!("share:{share}")).await);
+
+    // A new receiver on node 3 opens the same link and is introduced to the sender's new id.
+    let (mut c, c_id) = connect(n3_addr).await;
+    introduce(&mut a2, a2_id, &share, &mut c, c_id).await;
+    assert_relays(&mut a2, a2_id, &mut c, c_id).await;
+    // So is the receiver that was waiting (its socket survived: it joins again).
+    introduce(&mut a2, a2_id, &share, &mut b, b_id).await;
+    // A stranger with the share id but not the token cannot take it from the live sender.
+    let (mut t, _) = connect(n3_addr).await;
+    assert!(matches!(
+        reclaim(&mut t, &share, &wrong_token()).await,
+        ServerMsg::Error {
+            code: ErrorCode::ReclaimRefused,
+            ..
+        }
+    ));
+    let (mut d, d_id) = connect(n3_addr).await;
+    introduce(&mut a2, a2_id, &share, &mut d, d_id).await;
+
+    // And when the sender leaves for good, the share goes with it.
+    drop(a2);
+    for ws in [&mut b, &mut c, &mut d] {
+        assert_eq!(recv(ws).await, ServerMsg::PeerLeft { peer: a2_id });
+    }
+    eventually(STEP, "the share is withdrawn", || {
+        join_refused(n3_addr, &share)
+    })
+    .await;
+    stop(n2).await;
+    stop(n3).await;
+}
+
+/// A sender whose node crashed (nothing cleaned up) and who comes back only after the share's
+/// key expired still gets its share id back: the claim outlives it by the reclaim window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_reclaims_its_share_after_its_node_crashed_and_the_share_expired() {
+    let redis = TestRedis::start();
+    let n1 = node(&redis).await;
+    let n2 = DoomedNode::start(&redis).await;
+    let (mut a, _) = connect(n2.addr).await;
+    let (share, token) = create_claimed_share(&mut a).await;
+    n2.kill().await;
+    drop(a);
+    eventually(
+        PRESENCE_TTL + Duration::from_secs(2),
+        "the crashed node's share expires",
+        || async { !redis.exists(&format!("share:{share}")).await },
+    )
+    .await;
+    assert!(join_refused(n1.addr, &share).await);
+
+    let (mut a2, a2_id) = connect(n1.addr).await;
+    assert!(matches!(
+        reclaim(&mut a2, &share, &wrong_token()).await,
+        ServerMsg::Error {
+            code: ErrorCode::ReclaimRefused,
+            ..
+        }
+    ));
+    assert!(join_refused(n1.addr, &share).await);
+    assert_eq!(
+        reclaim(&mut a2, &share, &token).await,
+        ServerMsg::ShareReclaimed {
+            share: share.clone()
+        }
+    );
+    let (mut c, c_id) = connect(n1.addr).await;
+    introduce(&mut a2, a2_id, &share, &mut c, c_id).await;
+    assert_relays(&mut a2, a2_id, &mut c, c_id).await;
+    stop(n1).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receivers_on_other_nodes_reach_the_sender_and_see_it_leave() {

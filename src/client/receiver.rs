@@ -304,7 +304,10 @@ async fn run_signaling(
                     _ => leptos::logging::warn!("server error {code:?}: {message}"),
                 }
             }
-            ServerMsg::ShareCreated { .. } | ServerMsg::PeerJoined { .. } | ServerMsg::Pong => {}
+            ServerMsg::ShareCreated { .. }
+            | ServerMsg::ShareReclaimed { .. }
+            | ServerMsg::PeerJoined { .. }
+            | ServerMsg::Pong => {}
         }
     }
 }

@@ -244,7 +244,7 @@ async fn run_signaling(
                     sig.send(ClientMsg::CreateShare);
                 }
             }
-            ServerMsg::ShareCreated { share } => {
+            ServerMsg::ShareCreated { share, .. } => {
                 let mut s = state.borrow_mut();
                 match ShareKey::derive(&s.secret, &share) {
                     Ok(key) => s.key = Some(key),
@@ -279,7 +279,7 @@ async fn run_signaling(
             ServerMsg::Error { code, message } => {
                 leptos::logging::warn!("server error {code:?}: {message}");
             }
-            ServerMsg::Joined { .. } | ServerMsg::Pong => {}
+            ServerMsg::Joined { .. } | ServerMsg::ShareReclaimed { .. } | ServerMsg::Pong => {}
         }
     }
 }

@@ -39,6 +39,8 @@ labels! {
         NoSuchShare => "no_such_share",
         PeerBusy => "peer_busy",
         TooManyShares => "too_many_shares",
+        /// A share reclaim with the wrong token, or for a share long gone.
+        ReclaimRefused => "reclaim_refused",
         Internal => "internal",
         OversizeFrame => "oversize_frame",
         BinaryFrame => "binary_frame",
@@ -88,6 +90,7 @@ pub struct Metrics {
     messages_received: AtomicU64,
     messages_relayed: AtomicU64,
     shares_created: AtomicU64,
+    shares_reclaimed: AtomicU64,
     backend_errors: AtomicU64,
     rejections: [AtomicU64; Rejection::COUNT],
     disconnects: [AtomicU64; Disconnect::COUNT],
@@ -153,6 +156,15 @@ impl Metrics {
 
     pub fn share_created(&self) {
         self.shares_created.fetch_add(1, Relaxed);
+    }
+
+    /// A sender took its share back after reconnecting.
+    pub fn share_reclaimed(&self) {
+        self.shares_reclaimed.fetch_add(1, Relaxed);
+    }
+
+    pub fn shares_reclaimed(&self) -> u64 {
+        self.shares_reclaimed.load(Relaxed)
     }
 
     /// Counts backplane failures (`BrokerError::Backend`); other broker errors are rejections.
@@ -230,6 +242,12 @@ impl Metrics {
             "counter",
             "Shares created.",
             self.shares_created.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_shares_reclaimed_total",
+            "counter",
+            "Shares taken back by their sender after a reconnect.",
+            self.shares_reclaimed.load(Relaxed).to_string(),
         );
         single(
             "beamdrop_backend_errors_total",
@@ -332,12 +350,14 @@ mod tests {
         m.disconnect(Disconnect::RateLimited);
         m.join(JoinOutcome::NoSuchShare);
         m.message_relayed();
+        m.share_reclaimed();
         let text = m.render();
         for line in [
             "# TYPE beamdrop_peers_connected gauge",
             "beamdrop_peers_connected 1",
             "beamdrop_shares 0",
             "beamdrop_messages_relayed_total 1",
+            "beamdrop_shares_reclaimed_total 1",
             "# TYPE beamdrop_rejections_total counter",
             "beamdrop_rejections_total{reason=\"bad_message\"} 2",
             "beamdrop_rejections_total{reason=\"ip_cap\"} 1",

@@ -195,7 +195,7 @@ pub async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{PeerId, ServerMsg, ShareId};
+    use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
     use broker::{Broker, BrokerError, MemoryBroker, Registration, ShareLease};
 
     /// A backend whose backplane is unreachable.
@@ -220,6 +220,14 @@ mod tests {
             down()
         }
         async fn share_owner(&self, _: &ShareId) -> Result<Option<PeerId>, BrokerError> {
+            down()
+        }
+        async fn reclaim_share(
+            &self,
+            _: &ShareId,
+            _: &ClaimToken,
+            _: PeerId,
+        ) -> Result<ShareLease, BrokerError> {
             down()
         }
         async fn health(&self) -> Result<(), BrokerError> {

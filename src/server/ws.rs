@@ -12,7 +12,8 @@ use super::limits::{origin_allowed, IpSlot, TokenBucket};
 use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
 use super::AppState;
 use crate::protocol::{
-    close_code, decode_client_msg, ClientMsg, DecodeError, ErrorCode, PeerId, ServerMsg,
+    close_code, decode_client_msg, ClaimToken, ClientMsg, DecodeError, ErrorCode, PeerId,
+    ServerMsg, ShareId,
 };
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -541,16 +542,19 @@ impl Session {
                 }
                 Some(match self.broker.create_share(self.peer).await {
                     Ok(lease) => {
-                        let share = lease.share.clone();
+                        let (share, token) = (lease.share.clone(), lease.token.clone());
                         self.metrics.share_created();
                         self.shares.push((lease, self.metrics.track(Gauge::Shares)));
                         tracing::debug!(shares = self.shares.len(), "share created");
-                        ServerMsg::ShareCreated { share }
+                        ServerMsg::ShareCreated { share, token }
                     }
                     Err(e) => self.broker_error(e),
                 })
             }
-            // Share ids are capabilities: they stay out of the logs.
+            // Share ids and tokens are capabilities: they stay out of the logs.
+            ClientMsg::ReclaimShare { share, token } => {
+                Some(self.reclaim_share(share, token, max_shares).await)
+            }
             ClientMsg::Join { share } => {
                 let owner = match self.broker.share_owner(&share).await {
                     Ok(Some(owner)) if owner != self.peer => owner,
@@ -611,6 +615,49 @@ impl Session {
                     Err(e) => Some(self.broker_error(e)),
                 }
             }
+        }
+    }
+
+    /// A sender back after a reconnect takes its share (same id) under this peer.
+    async fn reclaim_share(
+        &mut self,
+        share: ShareId,
+        token: ClaimToken,
+        max_shares: usize,
+    ) -> ServerMsg {
+        let refused = || {
+            ServerMsg::error(
+                ErrorCode::ReclaimRefused,
+                "this share cannot be reclaimed: wrong token, or gone",
+            )
+        };
+        // Already held by this connection (a repeated reclaim): no second lease.
+        if let Some((lease, _)) = self.shares.iter().find(|(l, _)| l.share == share) {
+            if lease.token == token {
+                return ServerMsg::ShareReclaimed { share };
+            }
+            self.reject(Rejection::ReclaimRefused);
+            return refused();
+        }
+        if self.shares.len() >= max_shares {
+            self.reject(Rejection::TooManyShares);
+            return ServerMsg::error(
+                ErrorCode::TooManyShares,
+                format!("at most {max_shares} shares per connection"),
+            );
+        }
+        match self.broker.reclaim_share(&share, &token, self.peer).await {
+            Ok(lease) => {
+                self.metrics.share_reclaimed();
+                self.shares.push((lease, self.metrics.track(Gauge::Shares)));
+                tracing::debug!(shares = self.shares.len(), "share reclaimed");
+                ServerMsg::ShareReclaimed { share }
+            }
+            Err(BrokerError::ClaimRefused) => {
+                self.reject(Rejection::ReclaimRefused);
+                refused()
+            }
+            Err(e) => self.broker_error(e),
         }
     }
 

@@ -5,7 +5,7 @@
 //! Each test file is its own crate and uses only part of this module.
 #![allow(dead_code)]
 
-use beamdrop::protocol::{ClientMsg, ErrorCode, PeerId, ServerMsg, ShareId};
+use beamdrop::protocol::{ClaimToken, ClientMsg, ErrorCode, PeerId, ServerMsg, ShareId};
 use beamdrop::server::config::Config;
 use beamdrop::server::{start, RunningServer};
 use futures::{SinkExt, StreamExt};
@@ -187,16 +187,40 @@ pub async fn expect_error(ws: &mut Ws, code: ErrorCode) {
     }
 }
 
-pub async fn try_create_share(ws: &mut Ws) -> Result<ShareId, String> {
+/// Creates a share; its id and the token that reclaims it.
+pub async fn try_create_claimed_share(ws: &mut Ws) -> Result<(ShareId, ClaimToken), String> {
     send(ws, &ClientMsg::CreateShare).await;
     match try_recv(ws).await? {
-        ServerMsg::ShareCreated { share } => Ok(share),
+        ServerMsg::ShareCreated { share, token } => Ok((share, token)),
         other => Err(format!("expected ShareCreated, got {other:?}")),
     }
 }
 
+pub async fn create_claimed_share(ws: &mut Ws) -> (ShareId, ClaimToken) {
+    try_create_claimed_share(ws)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub async fn try_create_share(ws: &mut Ws) -> Result<ShareId, String> {
+    Ok(try_create_claimed_share(ws).await?.0)
+}
+
 pub async fn create_share(ws: &mut Ws) -> ShareId {
     try_create_share(ws).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Sends `ReclaimShare`; the server's answer.
+pub async fn reclaim(ws: &mut Ws, share: &ShareId, token: &ClaimToken) -> ServerMsg {
+    send(
+        ws,
+        &ClientMsg::ReclaimShare {
+            share: share.clone(),
+            token: token.clone(),
+        },
+    )
+    .await;
+    recv(ws).await
 }
 
 /// Joins `share` as a receiver; returns the sender the server introduced.

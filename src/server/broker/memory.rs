@@ -1,11 +1,20 @@
 //! In-process broker: a sharded concurrent table (DashMap) of per-peer inboxes is the topic table.
 //! Each operation touches one shard for one lookup; no lock is held across an `.await`.
+//!
+//! A share's record outlives its lease by the reclaim window (holding only the hash of its claim
+//! token), so that its sender can take it back after a reconnect; a FIFO of released shares
+//! forgets them afterwards.
 
-use super::{deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease};
-use crate::protocol::{PeerId, ServerMsg, ShareId};
+use super::{
+    claim_digest, deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease,
+    RECLAIM_WINDOW,
+};
+use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
 use dashmap::{mapref::entry::Entry, DashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Clone)]
 pub struct MemoryBroker {
@@ -13,19 +22,67 @@ pub struct MemoryBroker {
     inbox_capacity: usize,
 }
 
-#[derive(Default)]
 struct Tables {
     /// `peer:<id>` → the inbox of the task registered as `peer_state:<id>`.
     peers: DashMap<PeerId, Outbox>,
-    shares: DashMap<ShareId, PeerId>,
+    shares: DashMap<ShareId, ShareRecord>,
     /// Set by [`Broker::close`].
     closed: AtomicBool,
+    /// Identifies leases, so that a lease taken over by a reclaim cannot withdraw its successor.
+    next_lease: AtomicU64,
+    /// Shares whose lease ended, in the order they ended (so by expiry): (when, share, lease).
+    released: Mutex<VecDeque<(Instant, ShareId, u64)>>,
+    reclaim_window: Duration,
+}
+
+struct ShareRecord {
+    /// [`claim_digest`] of the share's token.
+    claim: [u8; 32],
+    /// The owner and the lease that holds the share now; `None` once that lease ended.
+    holder: Option<(PeerId, u64)>,
+    /// The lease that held it last: a released record is forgotten only if nobody took it since.
+    lease: u64,
+}
+
+impl Tables {
+    fn lease_id(&self) -> u64 {
+        self.next_lease.fetch_add(1, Relaxed)
+    }
+
+    /// Forgets shares released longer than the reclaim window ago and not reclaimed since.
+    fn forget_expired(&self, now: Instant) {
+        let Ok(mut released) = self.released.lock() else {
+            return;
+        };
+        while let Some((at, _, _)) = released.front() {
+            if now.saturating_duration_since(*at) < self.reclaim_window {
+                break;
+            }
+            let Some((_, share, lease)) = released.pop_front() else {
+                break;
+            };
+            self.shares
+                .remove_if(&share, |_, r| r.holder.is_none() && r.lease == lease);
+        }
+    }
 }
 
 impl MemoryBroker {
     pub fn new(inbox_capacity: usize) -> Self {
+        Self::with_reclaim_window(inbox_capacity, RECLAIM_WINDOW)
+    }
+
+    /// A broker that forgets withdrawn shares after `reclaim_window` (tests use a short one).
+    pub fn with_reclaim_window(inbox_capacity: usize, reclaim_window: Duration) -> Self {
         Self {
-            tables: Arc::default(),
+            tables: Arc::new(Tables {
+                peers: DashMap::new(),
+                shares: DashMap::new(),
+                closed: AtomicBool::new(false),
+                next_lease: AtomicU64::new(1),
+                released: Mutex::new(VecDeque::new()),
+                reclaim_window,
+            }),
             inbox_capacity: inbox_capacity.max(1),
         }
     }
@@ -33,6 +90,20 @@ impl MemoryBroker {
     /// Registered peers right now.
     pub fn peer_count(&self) -> usize {
         self.tables.peers.len()
+    }
+
+    /// Share records kept right now: live shares and withdrawn ones still reclaimable.
+    pub fn share_records(&self) -> usize {
+        self.tables.shares.len()
+    }
+
+    fn lease(&self, share: ShareId, token: ClaimToken, lease: u64) -> ShareLease {
+        let guard = ShareGuard {
+            tables: self.tables.clone(),
+            share: share.clone(),
+            lease,
+        };
+        ShareLease::new(share, token, Box::new(guard))
     }
 }
 
@@ -47,15 +118,36 @@ impl Drop for PeerGuard {
     }
 }
 
+/// Withdraws the share if this lease still holds it; its record stays reclaimable for the
+/// window.
 struct ShareGuard {
     tables: Arc<Tables>,
     share: ShareId,
+    lease: u64,
 }
 
 impl Drop for ShareGuard {
     fn drop(&mut self) {
-        self.tables.shares.remove(&self.share);
+        let now = Instant::now();
+        let released = match self.tables.shares.get_mut(&self.share) {
+            Some(mut r) if r.holder.map(|(_, lease)| lease) == Some(self.lease) => {
+                r.holder = None;
+                true
+            }
+            _ => false, // reclaimed by another lease: not ours to withdraw
+        };
+        if released {
+            if let Ok(mut queue) = self.tables.released.lock() {
+                queue.push_back((now, self.share.clone(), self.lease));
+            }
+        }
+        self.tables.forget_expired(now);
     }
+}
+
+/// Equality of two digests in time independent of where they differ.
+fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[async_trait::async_trait]
@@ -91,21 +183,48 @@ impl Broker for MemoryBroker {
     }
 
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError> {
+        self.tables.forget_expired(Instant::now());
         loop {
             let share = ShareId::new_random();
             if let Entry::Vacant(slot) = self.tables.shares.entry(share.clone()) {
-                slot.insert(owner);
-                let guard = ShareGuard {
-                    tables: self.tables.clone(),
-                    share: share.clone(),
-                };
-                return Ok(ShareLease::new(share, Box::new(guard)));
+                let token = ClaimToken::new_random();
+                let lease = self.tables.lease_id();
+                slot.insert(ShareRecord {
+                    claim: claim_digest(&share, &token),
+                    holder: Some((owner, lease)),
+                    lease,
+                });
+                return Ok(self.lease(share, token, lease));
             }
         }
     }
 
+    async fn reclaim_share(
+        &self,
+        share: &ShareId,
+        token: &ClaimToken,
+        owner: PeerId,
+    ) -> Result<ShareLease, BrokerError> {
+        // Expired records go first, so a share past its window is refused, not revived.
+        self.tables.forget_expired(Instant::now());
+        let claim = claim_digest(share, token);
+        let lease = self.tables.lease_id();
+        match self.tables.shares.get_mut(share) {
+            Some(mut r) if same_digest(&r.claim, &claim) => {
+                r.holder = Some((owner, lease));
+                r.lease = lease;
+            }
+            _ => return Err(BrokerError::ClaimRefused),
+        }
+        Ok(self.lease(share.clone(), token.clone(), lease))
+    }
+
     async fn share_owner(&self, share: &ShareId) -> Result<Option<PeerId>, BrokerError> {
-        Ok(self.tables.shares.get(share).map(|e| *e.value()))
+        Ok(self
+            .tables
+            .shares
+            .get(share)
+            .and_then(|e| e.holder.map(|(owner, _)| owner)))
     }
 
     async fn health(&self) -> Result<(), BrokerError> {
@@ -214,5 +333,86 @@ mod tests {
         assert_eq!(broker.share_owner(&share).await.unwrap(), Some(owner));
         drop(lease);
         assert_eq!(broker.share_owner(&share).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_share_is_reclaimed_with_its_token_only() {
+        let broker = MemoryBroker::new(4);
+        let (old, new, thief) = (
+            PeerId::new_random(),
+            PeerId::new_random(),
+            PeerId::new_random(),
+        );
+        let lease = broker.create_share(old).await.unwrap();
+        let (share, token) = (lease.share.clone(), lease.token.clone());
+
+        // Wrong token, unknown share: refused, and nothing changes.
+        let wrong: ClaimToken = "00000000000000000000000000000000".parse().unwrap();
+        assert_eq!(
+            broker.reclaim_share(&share, &wrong, thief).await.err(),
+            Some(BrokerError::ClaimRefused)
+        );
+        let unknown = ShareId::new_random();
+        assert_eq!(
+            broker.reclaim_share(&unknown, &token, thief).await.err(),
+            Some(BrokerError::ClaimRefused)
+        );
+        assert_eq!(broker.share_owner(&unknown).await.unwrap(), None);
+        // A token is bound to its share: another share's token does not open this one.
+        let other = broker.create_share(thief).await.unwrap();
+        assert_eq!(
+            broker
+                .reclaim_share(&share, &other.token, thief)
+                .await
+                .err(),
+            Some(BrokerError::ClaimRefused)
+        );
+        assert_eq!(broker.share_owner(&share).await.unwrap(), Some(old));
+
+        // While the old lease still lives (its socket not yet noticed dead): taken over, and the
+        // old lease ending does not withdraw it from its new owner.
+        let reclaimed = broker.reclaim_share(&share, &token, new).await.unwrap();
+        assert_eq!((&reclaimed.share, &reclaimed.token), (&share, &token));
+        assert_eq!(broker.share_owner(&share).await.unwrap(), Some(new));
+        drop(lease);
+        assert_eq!(broker.share_owner(&share).await.unwrap(), Some(new));
+
+        // After the lease ended (the owner's socket closed): revived under the same id.
+        drop(reclaimed);
+        assert_eq!(broker.share_owner(&share).await.unwrap(), None);
+        let again = broker.reclaim_share(&share, &token, old).await.unwrap();
+        assert_eq!(broker.share_owner(&share).await.unwrap(), Some(old));
+        drop(again);
+        assert_eq!(broker.share_owner(&share).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn withdrawn_shares_are_forgotten_after_the_reclaim_window() {
+        let window = Duration::from_millis(100);
+        let broker = MemoryBroker::with_reclaim_window(4, window);
+        let owner = PeerId::new_random();
+        let live = broker.create_share(owner).await.unwrap();
+        let lease = broker.create_share(owner).await.unwrap();
+        let (share, token) = (lease.share.clone(), lease.token.clone());
+        drop(lease);
+        assert_eq!(broker.share_records(), 2);
+        tokio::time::sleep(window * 2).await;
+        assert_eq!(
+            broker.reclaim_share(&share, &token, owner).await.err(),
+            Some(BrokerError::ClaimRefused)
+        );
+        // Only the withdrawn record went; the live share (never released) stays, however old.
+        assert_eq!(broker.share_records(), 1);
+        assert_eq!(broker.share_owner(&live.share).await.unwrap(), Some(owner));
+
+        // A share reclaimed within the window is not forgotten by its earlier release.
+        let lease = broker.create_share(owner).await.unwrap();
+        let (share, token) = (lease.share.clone(), lease.token.clone());
+        drop(lease);
+        let back = broker.reclaim_share(&share, &token, owner).await.unwrap();
+        tokio::time::sleep(window * 2).await;
+        broker.create_share(owner).await.unwrap(); // runs the expiry
+        assert_eq!(broker.share_owner(&share).await.unwrap(), Some(owner));
+        drop(back);
     }
 }

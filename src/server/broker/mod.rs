@@ -9,8 +9,15 @@ mod redis;
 pub use self::redis::{RedisBroker, RedisOptions};
 pub use memory::MemoryBroker;
 
-use crate::protocol::{PeerId, ServerMsg, ShareId};
+use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long after its lease ends (its socket closed, its node died) a share can still be
+/// reclaimed with its token. Longer than any reconnect backoff; the record left behind is a
+/// share id and a hash.
+pub const RECLAIM_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
@@ -22,6 +29,10 @@ pub enum BrokerError {
     AlreadyRegistered,
     #[error("this node is shutting down")]
     Closed,
+    /// The claim token does not match the share's, or the share is unknown (or gone for longer
+    /// than the reclaim window).
+    #[error("share not reclaimed")]
+    ClaimRefused,
     #[error("unsupported broker URI {0:?} (expected memory:// or redis://host:port)")]
     UnsupportedUri(String),
     #[error("backend: {0}")]
@@ -76,19 +87,33 @@ impl Registration {
     }
 }
 
-/// A live share. Dropping it withdraws the share.
+/// A live share. Dropping it withdraws the share (unless another peer has reclaimed it since).
 pub struct ShareLease {
     pub share: ShareId,
+    /// Proves ownership in [`Broker::reclaim_share`]; told only to the owner's socket.
+    pub token: ClaimToken,
     _guard: Guard,
 }
 
 impl ShareLease {
-    pub fn new(share: ShareId, guard: Guard) -> Self {
+    pub fn new(share: ShareId, token: ClaimToken, guard: Guard) -> Self {
         Self {
             share,
+            token,
             _guard: guard,
         }
     }
+}
+
+/// What a backend stores instead of a claim token: SHA-256 over a domain tag, the share id and
+/// the token. Comparing digests reveals nothing usable about the token, whatever the timing.
+pub fn claim_digest(share: &ShareId, token: &ClaimToken) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"beamdrop share claim v1\0");
+    h.update(share.as_str().as_bytes());
+    h.update(b"\0");
+    h.update(token.as_str().as_bytes());
+    h.finalize().into()
 }
 
 #[async_trait::async_trait]
@@ -99,8 +124,19 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError>;
     /// Whether `peer_state:<peer>` exists right now.
     async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError>;
-    /// A fresh share bound to `owner`.
+    /// A fresh share bound to `owner`, with a fresh claim token.
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError>;
+    /// Binds `share` to `owner` if `token` is the share's claim token, whoever owned it before
+    /// (a socket that has ended, or one about to): the same share id under a new peer. A share
+    /// whose lease ended less than [`RECLAIM_WINDOW`] ago is revived. Otherwise
+    /// [`BrokerError::ClaimRefused`] and nothing changes. Atomic with respect to other reclaims
+    /// and to the previous lease's refresh and withdrawal.
+    async fn reclaim_share(
+        &self,
+        share: &ShareId,
+        token: &ClaimToken,
+        owner: PeerId,
+    ) -> Result<ShareLease, BrokerError>;
     /// The share's sender, if the share is live.
     async fn share_owner(&self, share: &ShareId) -> Result<Option<PeerId>, BrokerError>;
     /// Ok when the backend (e.g. the backplane) is reachable: drives `/healthz` readiness.

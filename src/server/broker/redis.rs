@@ -8,7 +8,17 @@
 //!   that a task owned by the registration guard refreshes ([`RedisOptions::refresh_every`], 3 s),
 //!   and that the guard deletes when it drops. A node that dies without cleaning up leaves keys that
 //!   expire on their own.
-//! - `share:<id>` → the owner's peer id, with the same TTL and refresh, deleted with the lease.
+//! - `share:<id>` → the owner's peer id, with the same TTL and refresh, deleted with the lease
+//!   (only while it still names that owner: a reclaim may have handed it on).
+//! - `share_claim:<id>` → the hex [`claim_digest`] of the share's claim token, refreshed with the
+//!   share but living [`RedisOptions::reclaim_window`] (15 min) past it: a sender whose node died
+//!   (or whose socket dropped) reclaims the same share id from any node within that window. A
+//!   separate key, so that `share:<id>` keeps the format nodes without reclaim read.
+//!
+//! Creating, reclaiming, refreshing and withdrawing a share are each one Lua script over both
+//! keys ([`CREATE_SHARE_SCRIPT`], [`RECLAIM_SHARE_SCRIPT`], [`REFRESH_SHARE_SCRIPT`],
+//! [`RELEASE_SHARE_SCRIPT`]), so a reclaim and the old owner's refresh or withdrawal never
+//! interleave: the old owner's refresher stops, and its withdrawal leaves the new owner's share.
 //!
 //! # Why a channel per peer (not a channel per node with peer → node presence)
 //! - Redis does the routing. With a channel per node, the presence key would have to name the node,
@@ -47,8 +57,11 @@
 //! - Cleanup on drop is asynchronous (spawned on the current tokio runtime, if any): for a few
 //!   milliseconds after a registration or lease drops, other nodes may still see its keys.
 
-use super::{deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease};
-use crate::protocol::{ErrorCode, PeerId, ServerMsg, ShareId};
+use super::{
+    claim_digest, deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease,
+    RECLAIM_WINDOW,
+};
+use crate::protocol::{ClaimToken, ErrorCode, PeerId, ServerMsg, ShareId};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use ::redis::{cmd, Client, Msg, RedisError, Script, Value};
 use dashmap::{mapref::entry::Entry, DashMap};
@@ -71,6 +84,62 @@ end
 return redis.call('PUBLISH', ARGV[1], ARGV[2])
 "#;
 
+// The share scripts: `KEYS[1]` = `share:<id>`, `KEYS[2]` = `share_claim:<id>`; `ARGV[1]` = the
+// owner's peer id, `ARGV[2]` = the hex claim digest, `ARGV[3]` = the share's TTL (ms), `ARGV[4]`
+// = the claim's TTL (ms).
+
+/// Creates both keys unless either exists. 1 when created, else 0 (the id is taken).
+pub const CREATE_SHARE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+return 1
+"#;
+
+/// Hands the share to `ARGV[1]` if the claim digest matches, whoever holds it now and whether
+/// or not `share:<id>` is still there. 1 when reclaimed; 0 (nothing changed) otherwise.
+pub const RECLAIM_SHARE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+return 1
+"#;
+
+/// Extends both keys while `share:<id>` names `ARGV[1]`. When it is missing, re-creates both only
+/// if `ARGV[5]` is "1" (the caller has reason to think Redis lost them) and the claim is not
+/// someone else's. 1 while the share is the caller's; 0 once it is not (a reclaim took it).
+pub const REFRESH_SHARE_SCRIPT: &str = r#"
+local owner = redis.call('GET', KEYS[1])
+if owner then
+  if owner ~= ARGV[1] then
+    return 0
+  end
+elseif ARGV[5] ~= '1' then
+  return 0
+else
+  local claim = redis.call('GET', KEYS[2])
+  if claim and claim ~= ARGV[2] then
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[4])
+return 1
+"#;
+
+/// `KEYS[1]` = `share:<id>`, `ARGV[1]` = the owner: deletes the share only while it is that
+/// owner's. The claim key stays until its TTL (the reclaim window) runs out.
+pub const RELEASE_SHARE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// Timings of the Redis backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisOptions {
@@ -87,6 +156,8 @@ pub struct RedisOptions {
     pub reconnect_max: Duration,
     /// How often the subscriber pings its connection (finds dead connections without a FIN).
     pub ping_every: Duration,
+    /// How long a share stays reclaimable after its lease stops refreshing it.
+    pub reclaim_window: Duration,
 }
 
 impl Default for RedisOptions {
@@ -99,6 +170,7 @@ impl Default for RedisOptions {
             reconnect_min: Duration::from_millis(50),
             reconnect_max: Duration::from_secs(1),
             ping_every: Duration::from_secs(2),
+            reclaim_window: RECLAIM_WINDOW,
         }
     }
 }
@@ -112,6 +184,10 @@ fn presence_key(peer: PeerId) -> String {
 
 fn share_key(share: &ShareId) -> String {
     format!("share:{share}")
+}
+
+fn claim_key(share: &ShareId) -> String {
+    format!("share_claim:{share}")
 }
 
 fn backend(e: RedisError) -> BrokerError {
@@ -141,6 +217,7 @@ struct Inner {
     conn: ConnectionManager,
     opts: RedisOptions,
     publish: Script,
+    share_scripts: ShareScripts,
     /// Peers registered on this node → their inboxes. Exactly the topics this node subscribes to.
     local: DashMap<PeerId, Outbox>,
     /// Set by [`Broker::close`].
@@ -180,6 +257,7 @@ impl RedisBroker {
             conn,
             opts,
             publish: Script::new(PUBLISH_SCRIPT),
+            share_scripts: ShareScripts::default(),
             local: DashMap::new(),
             closed: AtomicBool::new(false),
             sink: watch::Sender::new(Some(sink.clone())),
@@ -200,6 +278,62 @@ impl RedisBroker {
     /// This node's id (the value of its peers' `peer_state:<id>` keys).
     pub fn node_id(&self) -> &str {
         &self.inner.node
+    }
+}
+
+#[derive(Clone)]
+struct ShareScripts {
+    create: Script,
+    reclaim: Script,
+    refresh: Script,
+    release: Script,
+}
+
+impl Default for ShareScripts {
+    fn default() -> Self {
+        Self {
+            create: Script::new(CREATE_SHARE_SCRIPT),
+            reclaim: Script::new(RECLAIM_SHARE_SCRIPT),
+            refresh: Script::new(REFRESH_SHARE_SCRIPT),
+            release: Script::new(RELEASE_SHARE_SCRIPT),
+        }
+    }
+}
+
+/// One share's keys and values, as the share scripts take them.
+#[derive(Clone)]
+struct ShareKeys {
+    share: String,
+    claim: String,
+    owner: String,
+    digest: String,
+}
+
+impl ShareKeys {
+    fn new(share: &ShareId, token: &ClaimToken, owner: PeerId) -> Self {
+        Self {
+            share: share_key(share),
+            claim: claim_key(share),
+            owner: owner.to_string(),
+            digest: hex::encode(claim_digest(share, token)),
+        }
+    }
+
+    /// `script` over both keys with the owner, digest and both TTLs as its arguments.
+    fn invocation<'a>(
+        &self,
+        script: &'a Script,
+        ttl_ms: u64,
+        claim_ttl_ms: u64,
+    ) -> ::redis::ScriptInvocation<'a> {
+        let mut invocation = script.key(&self.share);
+        invocation
+            .key(&self.claim)
+            .arg(&self.owner)
+            .arg(&self.digest)
+            .arg(ttl_ms)
+            .arg(claim_ttl_ms);
+        invocation
     }
 }
 
@@ -229,6 +363,25 @@ impl Inner {
 
     fn ttl_ms(&self) -> u64 {
         self.opts.presence_ttl.as_millis().max(1) as u64
+    }
+
+    /// The claim outlives the share by the reclaim window.
+    fn claim_ttl_ms(&self) -> u64 {
+        (self.opts.presence_ttl + self.opts.reclaim_window)
+            .as_millis()
+            .max(1) as u64
+    }
+
+    /// Runs one share script; its integer answer.
+    async fn share_script(&self, script: &Script, keys: &ShareKeys) -> Result<i64, BrokerError> {
+        self.within(async {
+            let mut conn = self.conn.clone();
+            keys.invocation(script, self.ttl_ms(), self.claim_ttl_ms())
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map_err(backend)
+        })
+        .await
     }
 
     /// Publishes to `peer:<to>`. A peer on this node gets it straight from the local table (a
@@ -456,6 +609,57 @@ fn spawn_refresher(inner: &Inner, key: String, value: String) -> AbortOnDrop {
     }))
 }
 
+/// Keeps a share alive like [`spawn_refresher`], but only while it is still this owner's: once a
+/// reclaim has handed it to another peer, the refresher stops for good. Missing keys are
+/// re-created only when Redis may have lost them (the subscriber reconnected, or no refresh
+/// succeeded for a whole TTL); missing keys refreshed less than a TTL ago were deleted on
+/// purpose (a reclaim took the share and its lease has ended since).
+fn spawn_share_refresher(inner: &Inner, keys: ShareKeys) -> AbortOnDrop {
+    let mut conn = inner.conn.clone();
+    let mut epoch = inner.epoch.subscribe();
+    let script = inner.share_scripts.refresh.clone();
+    let (every, op_timeout, ttl, ttl_ms, claim_ttl_ms) = (
+        inner.opts.refresh_every,
+        inner.opts.op_timeout,
+        inner.opts.presence_ttl,
+        inner.ttl_ms(),
+        inner.claim_ttl_ms(),
+    );
+    let retry = every.min(Duration::from_millis(500));
+    AbortOnDrop(tokio::spawn(async move {
+        epoch.borrow_and_update();
+        let mut ok = true;
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            let mut restore = false;
+            tokio::select! {
+                _ = sleep(if ok { every } else { retry }) => {}
+                changed = epoch.changed() => {
+                    if changed.is_err() { return }
+                    restore = true;
+                }
+            }
+            restore |= last_ok.elapsed() >= ttl;
+            let mut invocation = keys.invocation(&script, ttl_ms, claim_ttl_ms);
+            invocation.arg(if restore { "1" } else { "0" });
+            match timeout(op_timeout, invocation.invoke_async::<i64>(&mut conn)).await {
+                Ok(Ok(1)) => {
+                    ok = true;
+                    last_ok = tokio::time::Instant::now();
+                }
+                Ok(Ok(_)) => {
+                    tracing::debug!("share reclaimed by another peer; no longer refreshed");
+                    return;
+                }
+                _ => {
+                    ok = false;
+                    tracing::debug!("share refresh failed; retrying soon");
+                }
+            }
+        }
+    }))
+}
+
 /// Unregisters a peer: stops its refresher, forgets its inbox at once, and (asynchronously)
 /// unsubscribes `peer:<id>` and deletes `peer_state:<id>`.
 struct PeerGuard {
@@ -491,11 +695,14 @@ impl Drop for PeerGuard {
     }
 }
 
-/// Withdraws a share: stops its refresher and (asynchronously) deletes `share:<id>`.
+/// Withdraws a share: stops its refresher and (asynchronously) deletes `share:<id>` if it is
+/// still this owner's. `share_claim:<id>` stays reclaimable until it expires.
 struct ShareGuard {
     conn: ConnectionManager,
     op_timeout: Duration,
+    release: Script,
     key: String,
+    owner: String,
     refresher: Option<AbortOnDrop>,
 }
 
@@ -505,14 +712,34 @@ impl Drop for ShareGuard {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return; // the key expires with its TTL
         };
-        let (mut conn, op_timeout, key) = (
+        let (mut conn, op_timeout, release, key, owner) = (
             self.conn.clone(),
             self.op_timeout,
+            self.release.clone(),
             std::mem::take(&mut self.key),
+            std::mem::take(&mut self.owner),
         );
         rt.spawn(async move {
-            let _ = timeout(op_timeout, cmd("DEL").arg(&key).exec_async(&mut conn)).await;
+            let mut invocation = release.key(&key);
+            invocation.arg(&owner);
+            let _ = timeout(op_timeout, invocation.invoke_async::<i64>(&mut conn)).await;
         });
+    }
+}
+
+impl RedisBroker {
+    /// The lease for a share just created or reclaimed: refreshed while it lives.
+    fn share_lease(&self, share: ShareId, token: ClaimToken, keys: ShareKeys) -> ShareLease {
+        let inner = &self.inner;
+        let guard = ShareGuard {
+            conn: inner.conn.clone(),
+            op_timeout: inner.opts.op_timeout,
+            release: inner.share_scripts.release.clone(),
+            key: keys.share.clone(),
+            owner: keys.owner.clone(),
+            refresher: Some(spawn_share_refresher(inner, keys)),
+        };
+        ShareLease::new(share, token, Box::new(guard))
     }
 }
 
@@ -585,31 +812,32 @@ impl Broker for RedisBroker {
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError> {
         let inner = &self.inner;
         loop {
-            let share = ShareId::new_random();
-            let key = share_key(&share);
-            let created = inner
-                .within(async {
-                    let mut conn = inner.conn.clone();
-                    cmd("SET")
-                        .arg(&key)
-                        .arg(owner.to_string())
-                        .arg("NX")
-                        .arg("PX")
-                        .arg(inner.ttl_ms())
-                        .query_async::<Option<String>>(&mut conn)
-                        .await
-                        .map_err(backend)
-                })
-                .await?;
-            if created.is_some() {
-                let guard = ShareGuard {
-                    conn: inner.conn.clone(),
-                    op_timeout: inner.opts.op_timeout,
-                    refresher: Some(spawn_refresher(inner, key.clone(), owner.to_string())),
-                    key,
-                };
-                return Ok(ShareLease::new(share, Box::new(guard)));
+            let (share, token) = (ShareId::new_random(), ClaimToken::new_random());
+            let keys = ShareKeys::new(&share, &token, owner);
+            if inner
+                .share_script(&inner.share_scripts.create, &keys)
+                .await?
+                == 1
+            {
+                return Ok(self.share_lease(share, token, keys));
             }
+        }
+    }
+
+    async fn reclaim_share(
+        &self,
+        share: &ShareId,
+        token: &ClaimToken,
+        owner: PeerId,
+    ) -> Result<ShareLease, BrokerError> {
+        let inner = &self.inner;
+        let keys = ShareKeys::new(share, token, owner);
+        match inner
+            .share_script(&inner.share_scripts.reclaim, &keys)
+            .await?
+        {
+            1 => Ok(self.share_lease(share.clone(), token.clone(), keys)),
+            _ => Err(BrokerError::ClaimRefused),
         }
     }
 
@@ -935,6 +1163,96 @@ mod tests {
         .await;
         let unknown: ShareId = "0123456789abcdef0123456789abcdef".parse().unwrap();
         assert_eq!(n2.share_owner(&unknown).await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_share_is_reclaimed_on_any_node_with_its_token_only() {
+        let redis = TestRedis::start();
+        let (n1, n2) = (node(&redis, fast()).await, node(&redis, fast()).await);
+        let (old, new, thief) = (
+            PeerId::new_random(),
+            PeerId::new_random(),
+            PeerId::new_random(),
+        );
+        let lease = n1.create_share(old).await.unwrap();
+        let (share, token) = (lease.share.clone(), lease.token.clone());
+        let mut conn = redis.conn().await;
+        let stored: String = cmd("GET")
+            .arg(claim_key(&share))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(stored, hex::encode(claim_digest(&share, &token)));
+        assert!(!stored.contains(token.as_str()));
+
+        // Wrong token, another share's token, unknown share: refused, nothing changes.
+        let other = n1.create_share(thief).await.unwrap();
+        let unknown = ShareId::new_random();
+        for (s, t) in [(&share, &other.token), (&unknown, &token)] {
+            assert_eq!(
+                n2.reclaim_share(s, t, thief).await.err(),
+                Some(BrokerError::ClaimRefused)
+            );
+        }
+        assert_eq!(n2.share_owner(&share).await.unwrap(), Some(old));
+        assert_eq!(n2.share_owner(&unknown).await.unwrap(), None);
+        let unknown_claim: bool = cmd("EXISTS")
+            .arg(claim_key(&unknown))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(!unknown_claim);
+
+        // Taken over from another node while the old lease still lives: the old refresher
+        // stops instead of writing its owner back, and the old lease ending leaves it alone.
+        let reclaimed = n2.reclaim_share(&share, &token, new).await.unwrap();
+        assert_eq!(reclaimed.share, share);
+        assert_eq!(n1.share_owner(&share).await.unwrap(), Some(new));
+        sleep(Duration::from_millis(2400)).await; // twice the TTL: refreshed by the new lease only
+        assert_eq!(n1.share_owner(&share).await.unwrap(), Some(new));
+        drop(lease);
+        sleep(Duration::from_millis(300)).await;
+        assert_eq!(n1.share_owner(&share).await.unwrap(), Some(new));
+
+        // The new lease ends: withdrawn, but reclaimable (revived under the same id).
+        drop(reclaimed);
+        eventually(Duration::from_secs(1), "share withdrawn", || async {
+            n1.share_owner(&share).await.unwrap().is_none()
+        })
+        .await;
+        let revived = n1.reclaim_share(&share, &token, old).await.unwrap();
+        assert_eq!(n2.share_owner(&share).await.unwrap(), Some(old));
+        drop((revived, other));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_withdrawn_share_is_reclaimable_for_the_window_only() {
+        let redis = TestRedis::start();
+        let opts = RedisOptions {
+            reclaim_window: Duration::from_millis(600),
+            ..fast()
+        };
+        let (n1, n2) = (node(&redis, opts.clone()).await, node(&redis, opts).await);
+        let owner = PeerId::new_random();
+        let (share, token) = {
+            let lease = n1.create_share(owner).await.unwrap();
+            (lease.share.clone(), lease.token.clone())
+        };
+        // Gone, but reclaimable with its token: revived under the same id, then released again.
+        eventually(Duration::from_secs(1), "share withdrawn", || async {
+            n2.share_owner(&share).await.unwrap().is_none()
+        })
+        .await;
+        let lease = n2.reclaim_share(&share, &token, owner).await.unwrap();
+        assert_eq!(n1.share_owner(&share).await.unwrap(), Some(owner));
+        drop(lease);
+        // The claim lives a TTL plus the window after the last refresh, then nothing is left.
+        sleep(Duration::from_millis(1200 + 600 + 300)).await;
+        assert_eq!(
+            n2.reclaim_share(&share, &token, owner).await.err(),
+            Some(BrokerError::ClaimRefused)
+        );
+        assert_eq!(n2.share_owner(&share).await.unwrap(), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
