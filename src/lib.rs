@@ -5,6 +5,7 @@
 pub mod app;
 pub mod components;
 pub mod protocol;
+pub mod reconnect;
 pub mod seal;
 pub mod transfer;
 

@@ -1,11 +1,16 @@
 //! The receiver's session: join the share, answer the sender's offer, show the live file list,
 //! and for each requested file reassemble frames by offset, verify size and SHA-256, then save.
+//!
+//! Once its data channel is open the receiver needs nothing from the server: if the signaling
+//! socket drops then, it is left closed. Before that, it is reopened and the share joined again;
+//! the sender may be reconnecting too (a restarting node drops both), so a share that is missing
+//! just after a reconnect is asked for again a few times before the page gives up.
 
 use super::channel::{send_msg, Channel, ChannelEvent};
 use super::disk::{DiskSink, DISK_THRESHOLD};
 use super::rtc::{LinkEvent, Outbox, RtcLink};
 use super::save::{save, save_blob};
-use super::signaling::{Incoming, Signaling};
+use super::signaling::{self, Event, Signaling};
 use super::{now_ms, random_hex, window, ClientError};
 use crate::components::receive::{Phase, ReceiverUi};
 use crate::components::{FileRow, FileStatus};
@@ -25,6 +30,16 @@ use web_sys::RtcPeerConnectionState;
 
 /// Progress is pushed to the page at most this often (ms) while bytes stream in.
 const PROGRESS_EVERY_MS: f64 = 100.0;
+
+/// After a reconnect, how often (and how many times) a share the server does not know (yet) is
+/// joined again: its sender may still be reconnecting (up to ~5 s backoff, plus its reclaim).
+const REJOIN_EVERY_MS: u32 = 1_500;
+const REJOIN_TRIES: u32 = 12;
+
+/// Introduced to a sender but no data channel this long after (ms): join again. Harmless while
+/// the sender is the same (the server introduces a pair once); if the sender has reconnected
+/// under a new peer id (its old one can no longer signal), this reaches the new one.
+const STALLED_JOIN_MS: u32 = 10_000;
 
 /// Where a file's bytes go while it arrives.
 enum Store {
@@ -78,6 +93,12 @@ struct State {
     link: Option<Rc<RtcLink>>,
     channel: Option<Channel>,
     downloads: HashMap<FileId, Download>,
+    /// Whether the share was joined once (so a later "no such share" may be a sender on its way
+    /// back), and how many more joins such a refusal is worth.
+    joined_before: bool,
+    rejoins_left: u32,
+    /// Bumped on every join answer, so only the latest stall check acts.
+    join_generation: u32,
 }
 
 impl State {
@@ -92,6 +113,25 @@ impl State {
         for (_, d) in self.downloads.drain() {
             d.row.status.set(FileStatus::Failed(why.to_owned()));
         }
+    }
+
+    /// Joins the share (again) on the current connection, unless connected to the sender.
+    fn join(&self) {
+        if self.channel.is_some() {
+            return;
+        }
+        if let Some(signaling) = &self.signaling {
+            signaling.send(ClientMsg::Join {
+                share: self.share.clone(),
+            });
+        }
+    }
+
+    /// Forgets a connection attempt to a sender that can no longer be signaled (its offer or our
+    /// answer went to a peer id that is gone); nothing was transferring yet.
+    fn forget_attempt(&mut self) {
+        self.link = None;
+        self.sender = None;
     }
 
     fn lost_sender(&mut self, phase: Phase) {
@@ -139,14 +179,11 @@ impl ReceiverSession {
             link: None,
             channel: None,
             downloads: HashMap::new(),
+            joined_before: false,
+            rejoins_left: 0,
+            join_generation: 0,
         }));
-        match Signaling::connect() {
-            Ok((signaling, incoming)) => {
-                state.borrow_mut().signaling = Some(signaling);
-                spawn_local(run_signaling(Rc::downgrade(&state), incoming));
-            }
-            Err(e) => ui.phase.set(Phase::ServerLost(e.to_string())),
-        }
+        spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
         Self { state: Some(state) }
     }
 
@@ -227,89 +264,149 @@ impl Drop for ReceiverSession {
     }
 }
 
-async fn run_signaling(
-    state: Weak<RefCell<State>>,
-    mut incoming: impl Stream<Item = Incoming> + Unpin,
-) {
-    while let Some(msg) = incoming.next().await {
+async fn run_signaling(state: Weak<RefCell<State>>, mut events: impl Stream<Item = Event> + Unpin) {
+    while let Some(event) = events.next().await {
         let Some(state) = state.upgrade() else { return };
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(e) => {
+        match event {
+            Event::Connected(signaling) => state.borrow_mut().signaling = Some(signaling),
+            Event::Lost { why, retrying } => {
                 let mut s = state.borrow_mut();
-                if s.channel.is_none() {
-                    s.ui.phase.set(Phase::ServerLost(e.to_string()));
-                }
-                // An open data channel keeps working without the server.
                 s.signaling = None;
-                return;
-            }
-        };
-        match msg {
-            ServerMsg::Welcome { you, ice_servers } => {
-                let mut s = state.borrow_mut();
-                s.ice_servers = ice_servers;
-                s.me = Some(you);
-                if let Some(sig) = &s.signaling {
-                    sig.send(ClientMsg::Join {
-                        share: s.share.clone(),
-                    });
-                    s.ui.phase.set(Phase::WaitingForSender);
+                s.me = None;
+                if s.channel.is_some() || !s.ui.phase.get_untracked().needs_server() {
+                    // An open data channel keeps working without the server; a page that has
+                    // already failed (sender gone, bad link) keeps saying why.
+                    return;
+                }
+                s.forget_attempt();
+                if retrying {
+                    s.ui.phase.set(Phase::Reconnecting);
+                } else {
+                    s.ui.phase.set(Phase::ServerLost(why));
+                    return;
                 }
             }
-            ServerMsg::Joined { sender, .. } => {
-                let mut s = state.borrow_mut();
-                s.sender = Some(sender);
-                s.ui.phase.set(Phase::ConnectingPeer);
-            }
-            ServerMsg::Signal { from, payload } => {
-                if state.borrow().sender != Some(from) {
-                    continue;
-                }
-                let link = match ensure_link(&state, from) {
-                    Ok(link) => link,
-                    Err(e) => {
-                        state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
-                        continue;
-                    }
-                };
-                match link.apply(&payload).await {
-                    Ok(()) => {}
-                    Err(ClientError::Seal(_)) => {
-                        // Altered in transit or sealed with another key: refuse the connection.
-                        let mut s = state.borrow_mut();
-                        s.link = None;
-                        s.sender = None;
-                        s.channel = None;
-                        s.ui.phase.set(Phase::Failed("bad link".into()));
-                        s.ui.error
-                            .set(Some(capitalized(&SealError::BadSecret.to_string())));
-                    }
-                    Err(e) => state.borrow().ui.phase.set(Phase::Failed(e.to_string())),
-                }
-            }
-            ServerMsg::PeerLeft { peer } => {
-                let mut s = state.borrow_mut();
-                if s.sender == Some(peer) {
-                    s.lost_sender(Phase::SenderGone);
-                }
-            }
-            ServerMsg::Error { code, message } => {
-                let s = state.borrow();
-                match code {
-                    ErrorCode::NoSuchShare => {
-                        s.ui.phase.set(Phase::Failed("share unavailable".into()));
-                        s.ui.error.set(Some("This share is not available.".into()));
-                    }
-                    _ => leptos::logging::warn!("server error {code:?}: {message}"),
-                }
-            }
-            ServerMsg::ShareCreated { .. }
-            | ServerMsg::ShareReclaimed { .. }
-            | ServerMsg::PeerJoined { .. }
-            | ServerMsg::Pong => {}
+            Event::Msg(msg) => on_server_msg(&state, msg).await,
         }
     }
+}
+
+async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
+    match msg {
+        ServerMsg::Welcome { you, ice_servers } => {
+            let mut s = state.borrow_mut();
+            s.ice_servers = ice_servers;
+            s.me = Some(you);
+            if s.channel.is_none() {
+                if s.joined_before {
+                    // Back after a reconnect: the sender may be on its way back too.
+                    s.rejoins_left = REJOIN_TRIES;
+                }
+                s.join();
+                s.ui.phase.set(Phase::WaitingForSender);
+            }
+        }
+        ServerMsg::Joined { sender, .. } => {
+            let mut s = state.borrow_mut();
+            if s.channel.is_some() {
+                return;
+            }
+            if s.sender.is_some_and(|old| old != sender) {
+                // The sender came back under a new peer id: the attempt with the old one is dead.
+                s.forget_attempt();
+            }
+            s.sender = Some(sender);
+            s.joined_before = true;
+            s.join_generation = s.join_generation.wrapping_add(1);
+            s.ui.phase.set(Phase::ConnectingPeer);
+            let (generation, weak) = (s.join_generation, Rc::downgrade(state));
+            spawn_local(async move {
+                gloo_timers::future::TimeoutFuture::new(STALLED_JOIN_MS).await;
+                let Some(state) = weak.upgrade() else { return };
+                let s = state.borrow();
+                let stalled = s.join_generation == generation
+                    && s.channel.is_none()
+                    && s.ui.phase.get_untracked() == Phase::ConnectingPeer;
+                if stalled {
+                    s.join();
+                }
+            });
+        }
+        ServerMsg::Signal { from, payload } => {
+            if state.borrow().sender != Some(from) {
+                return;
+            }
+            let link = match ensure_link(state, from) {
+                Ok(link) => link,
+                Err(e) => {
+                    state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
+                    return;
+                }
+            };
+            match link.apply(&payload).await {
+                Ok(()) => {}
+                Err(ClientError::Seal(_)) => {
+                    // Altered in transit or sealed with another key: refuse the connection.
+                    let mut s = state.borrow_mut();
+                    s.link = None;
+                    s.sender = None;
+                    s.channel = None;
+                    s.ui.phase.set(Phase::Failed("bad link".into()));
+                    s.ui.error
+                        .set(Some(capitalized(&SealError::BadSecret.to_string())));
+                }
+                Err(e) => state.borrow().ui.phase.set(Phase::Failed(e.to_string())),
+            }
+        }
+        ServerMsg::PeerLeft { peer } => {
+            let mut s = state.borrow_mut();
+            if s.sender == Some(peer) {
+                s.lost_sender(Phase::SenderGone);
+            }
+        }
+        ServerMsg::Error { code, message } => {
+            let mut s = state.borrow_mut();
+            match code {
+                ErrorCode::NoSuchShare if s.rejoins_left > 0 && s.channel.is_none() => {
+                    // Its sender is probably reconnecting: ask again shortly.
+                    s.rejoins_left -= 1;
+                    s.ui.phase.set(Phase::WaitingForSender);
+                    rejoin_later(state, REJOIN_EVERY_MS);
+                }
+                ErrorCode::NoSuchShare => {
+                    s.ui.phase.set(Phase::Failed("share unavailable".into()));
+                    s.ui.error.set(Some("This share is not available.".into()));
+                }
+                // Our answer or candidates went to a sender id that is gone (its socket
+                // dropped, so it will be back under a new one): start over with a fresh join.
+                ErrorCode::UnknownPeer if s.channel.is_none() && s.sender.is_some() => {
+                    s.forget_attempt();
+                    s.rejoins_left = REJOIN_TRIES;
+                    s.ui.phase.set(Phase::WaitingForSender);
+                    rejoin_later(state, REJOIN_EVERY_MS);
+                }
+                _ => leptos::logging::warn!("server error {code:?}: {message}"),
+            }
+        }
+        ServerMsg::ShareCreated { .. }
+        | ServerMsg::ShareReclaimed { .. }
+        | ServerMsg::PeerJoined { .. }
+        | ServerMsg::Pong => {}
+    }
+}
+
+/// Joins the share again after `delay_ms`, on whatever connection is current then.
+fn rejoin_later(state: &Rc<RefCell<State>>, delay_ms: u32) {
+    let weak = Rc::downgrade(state);
+    spawn_local(async move {
+        gloo_timers::future::TimeoutFuture::new(delay_ms).await;
+        if let Some(state) = weak.upgrade() {
+            let s = state.borrow();
+            if s.sender.is_none() {
+                s.join();
+            }
+        }
+    });
 }
 
 /// The connection to the sender, created on its first offer.

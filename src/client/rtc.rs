@@ -172,6 +172,11 @@ impl RtcLink {
         Ok(())
     }
 
+    /// Whether the remote side's description (offer or answer) has been applied.
+    pub fn has_remote_description(&self) -> bool {
+        self.has_remote_description.get()
+    }
+
     /// The SCTP transport's `maxMessageSize`, once negotiated.
     pub fn max_message_size(&self) -> Option<usize> {
         let sctp = js_sys::Reflect::get(&self.pc, &"sctp".into()).ok()?;

@@ -1,13 +1,18 @@
 //! The sender's session: one signaling socket, one share, and per receiver one peer connection,
 //! one data channel and one task that answers its requests, streaming files with backpressure.
+//!
+//! The signaling socket is reopened when it drops (a node restarting closes it with 4003); the
+//! page then takes its share back under its new peer id with the share's claim token, so the link
+//! it handed out keeps working. Receivers already connected never notice: their connections do
+//! not go through the server.
 
 use super::channel::{send_msg, Backpressure, Channel, ChannelEvent};
 use super::rtc::{LinkEvent, Outbox, RtcLink};
-use super::signaling::Signaling;
+use super::signaling::{self, Event, Signaling};
 use super::{js_message, now_ms, picker, random_hex, window, ClientError};
 use crate::components::send::{ReceiverRow, SenderUi};
 use crate::components::FileRow;
-use crate::protocol::{ClientMsg, IceServer, PeerId, ServerMsg};
+use crate::protocol::{ClaimToken, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
 use crate::seal::{ShareKey, SECRET_BYTES};
 use crate::transfer::progress::Meter;
 use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg};
@@ -23,6 +28,9 @@ use web_sys::RtcPeerConnectionState;
 
 /// Progress on the sender's page is refreshed at most this often (ms).
 const PROGRESS_EVERY_MS: f64 = 200.0;
+
+/// After a backend failure the share is asked for again this much later (ms).
+const SHARE_RETRY_MS: u32 = 1_000;
 
 /// A file offered in this share. Its SHA-256 is computed during the first send and cached.
 struct SharedFile {
@@ -43,10 +51,16 @@ struct Receiver {
 
 struct State {
     ui: SenderUi,
+    /// The current signaling connection; `None` while reconnecting.
     signaling: Option<Signaling>,
     ice_servers: Vec<IceServer>,
+    /// This page's peer id on the current connection.
     me: Option<PeerId>,
     secret: String,
+    /// The share, and the token that takes it back after a reconnect.
+    share: Option<(ShareId, ClaimToken)>,
+    /// Whether the share is bound to the current connection (receivers can join).
+    share_live: bool,
     key: Option<ShareKey>,
     files: Vec<Rc<SharedFile>>,
     next_file: u32,
@@ -84,6 +98,38 @@ impl State {
             .set(self.receivers.values().filter(|r| r.open).count());
     }
 
+    /// Asks the server for this page's share: the one it had (same id, by token), else a new one.
+    fn request_share(&self) {
+        let Some(signaling) = &self.signaling else {
+            return;
+        };
+        signaling.send(match &self.share {
+            Some((share, token)) => ClientMsg::ReclaimShare {
+                share: share.clone(),
+                token: token.clone(),
+            },
+            None => ClientMsg::CreateShare,
+        });
+    }
+
+    /// The signaling connection dropped. Receivers whose offer was never answered are dropped:
+    /// their answer would go to this page's old peer id, so they cannot connect any more (they
+    /// join again and get a fresh offer). Connected ones are not touched.
+    fn signaling_lost(&mut self) {
+        self.signaling = None;
+        self.me = None;
+        self.share_live = false;
+        let stranded: Vec<PeerId> = self
+            .receivers
+            .iter()
+            .filter(|(_, r)| !r.open && !r.link.has_remote_description())
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in stranded {
+            self.drop_receiver(peer);
+        }
+    }
+
     fn drop_receiver(&mut self, peer: PeerId) {
         if self.receivers.remove(&peer).is_some() {
             self.ui
@@ -115,6 +161,8 @@ impl SenderSession {
             ice_servers: Vec::new(),
             me: None,
             secret,
+            share: None,
+            share_live: false,
             key: None,
             files: Vec::new(),
             next_file: 0,
@@ -125,13 +173,7 @@ impl SenderSession {
                 .unwrap_or(FlowControl::DEFAULT),
             receivers: HashMap::new(),
         }));
-        match Signaling::connect() {
-            Ok((signaling, incoming)) => {
-                state.borrow_mut().signaling = Some(signaling);
-                spawn_local(run_signaling(Rc::downgrade(&state), incoming));
-            }
-            Err(e) => ui.error.set(Some(e.to_string())),
-        }
+        spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
         Self { state }
     }
 
@@ -224,63 +266,116 @@ impl Drop for SenderSession {
 
 async fn run_signaling(
     state: Weak<RefCell<State>>,
-    mut incoming: impl futures::Stream<Item = super::signaling::Incoming> + Unpin,
+    mut events: impl futures::Stream<Item = Event> + Unpin,
 ) {
-    while let Some(msg) = incoming.next().await {
+    while let Some(event) = events.next().await {
         let Some(state) = state.upgrade() else { return };
-        let msg = match msg {
-            Ok(msg) => msg,
-            Err(e) => {
-                state.borrow().ui.error.set(Some(e.to_string()));
-                return;
-            }
-        };
-        match msg {
-            ServerMsg::Welcome { you, ice_servers } => {
+        match event {
+            Event::Connected(signaling) => state.borrow_mut().signaling = Some(signaling),
+            Event::Lost { why, retrying } => {
                 let mut s = state.borrow_mut();
-                s.me = Some(you);
-                s.ice_servers = ice_servers;
-                if let Some(sig) = &s.signaling {
-                    sig.send(ClientMsg::CreateShare);
+                s.signaling_lost();
+                if retrying {
+                    s.ui.reconnecting.set(true);
+                } else {
+                    s.ui.reconnecting.set(false);
+                    s.ui.error.set(Some(format!(
+                        "Lost the connection to the server ({why}). Receivers already \
+                         connected can finish; reload the page to share again."
+                    )));
+                    return;
                 }
             }
-            ServerMsg::ShareCreated { share, .. } => {
-                let mut s = state.borrow_mut();
-                match ShareKey::derive(&s.secret, &share) {
-                    Ok(key) => s.key = Some(key),
-                    Err(e) => {
-                        s.ui.error.set(Some(e.to_string()));
-                        continue;
-                    }
-                }
-                match window().and_then(|w| Ok(w.location().origin()?)) {
-                    Ok(origin) => {
-                        s.ui.link
-                            .set(Some(format!("{origin}/s/{share}#{}", s.secret)))
-                    }
-                    Err(e) => s.ui.error.set(Some(e.to_string())),
-                }
-            }
-            ServerMsg::PeerJoined { peer, .. } => {
-                if let Err(e) = connect_receiver(&state, peer).await {
-                    state.borrow().ui.error.set(Some(e.to_string()));
-                }
-            }
-            ServerMsg::Signal { from, payload } => {
-                let link = state.borrow().receivers.get(&from).map(|r| r.link.clone());
-                let Some(link) = link else { continue };
-                if let Err(e) = link.apply(&payload).await {
-                    // Altered in transit or sealed with another key: no connection to that peer.
-                    leptos::logging::warn!("signal from {from} refused: {e}");
-                    state.borrow_mut().drop_receiver(from);
-                }
-            }
-            ServerMsg::PeerLeft { peer } => state.borrow_mut().drop_receiver(peer),
-            ServerMsg::Error { code, message } => {
-                leptos::logging::warn!("server error {code:?}: {message}");
-            }
-            ServerMsg::Joined { .. } | ServerMsg::ShareReclaimed { .. } | ServerMsg::Pong => {}
+            Event::Msg(msg) => on_server_msg(&state, msg).await,
         }
+    }
+}
+
+async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
+    match msg {
+        ServerMsg::Welcome { you, ice_servers } => {
+            let mut s = state.borrow_mut();
+            s.me = Some(you);
+            s.ice_servers = ice_servers;
+            s.request_share();
+        }
+        ServerMsg::ShareCreated { share, token } => {
+            let mut s = state.borrow_mut();
+            match ShareKey::derive(&s.secret, &share) {
+                Ok(key) => s.key = Some(key),
+                Err(e) => {
+                    s.ui.error.set(Some(e.to_string()));
+                    return;
+                }
+            }
+            match window().and_then(|w| Ok(w.location().origin()?)) {
+                Ok(origin) => {
+                    s.ui.link
+                        .set(Some(format!("{origin}/s/{share}#{}", s.secret)))
+                }
+                Err(e) => s.ui.error.set(Some(e.to_string())),
+            }
+            let replaced = s.share.is_some();
+            s.share = Some((share, token));
+            s.share_live = true;
+            s.ui.reconnecting.set(false);
+            if replaced {
+                s.ui.error.set(Some(
+                    "The server no longer knew your previous link, so this is a new one: \
+                     share it again."
+                        .into(),
+                ));
+            }
+        }
+        ServerMsg::ShareReclaimed { share } => {
+            let mut s = state.borrow_mut();
+            if s.share.as_ref().map(|(id, _)| id) == Some(&share) {
+                s.share_live = true;
+                s.ui.reconnecting.set(false);
+            }
+        }
+        ServerMsg::PeerJoined { peer, .. } => {
+            if let Err(e) = connect_receiver(state, peer).await {
+                state.borrow().ui.error.set(Some(e.to_string()));
+            }
+        }
+        ServerMsg::Signal { from, payload } => {
+            let link = state.borrow().receivers.get(&from).map(|r| r.link.clone());
+            let Some(link) = link else { return };
+            if let Err(e) = link.apply(&payload).await {
+                // Altered in transit or sealed with another key: no connection to that peer.
+                leptos::logging::warn!("signal from {from} refused: {e}");
+                state.borrow_mut().drop_receiver(from);
+            }
+        }
+        ServerMsg::PeerLeft { peer } => state.borrow_mut().drop_receiver(peer),
+        ServerMsg::Error { code, message } => {
+            leptos::logging::warn!("server error {code:?}: {message}");
+            let mut s = state.borrow_mut();
+            match code {
+                // Gone for longer than the server remembers it: a new share (and link).
+                ErrorCode::ReclaimRefused if !s.share_live => {
+                    s.share = None;
+                    s.request_share();
+                }
+                // The backend failed while the share was being set up: ask again shortly.
+                ErrorCode::Internal if !s.share_live && s.me.is_some() => {
+                    let me = s.me;
+                    let state = Rc::downgrade(state);
+                    spawn_local(async move {
+                        gloo_timers::future::TimeoutFuture::new(SHARE_RETRY_MS).await;
+                        let Some(state) = state.upgrade() else { return };
+                        let s = state.borrow();
+                        // Still waiting, on the same connection.
+                        if !s.share_live && s.me == me {
+                            s.request_share();
+                        }
+                    });
+                }
+                _ => {}
+            }
+        }
+        ServerMsg::Joined { .. } | ServerMsg::Pong => {}
     }
 }
 

@@ -13,6 +13,8 @@ pub enum Phase {
     ConnectingServer,
     WaitingForSender,
     ConnectingPeer,
+    /// The signaling socket dropped before the peers connected; it is being reopened.
+    Reconnecting,
     Connected,
     SenderGone,
     /// ICE failed: no network path between the two browsers.
@@ -24,6 +26,17 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Still on the way to the sender, so the server is needed (and reconnected to).
+    pub fn needs_server(&self) -> bool {
+        matches!(
+            self,
+            Phase::ConnectingServer
+                | Phase::WaitingForSender
+                | Phase::ConnectingPeer
+                | Phase::Reconnecting
+        )
+    }
+
     /// Failures a fresh attempt may fix.
     pub fn retryable(&self) -> bool {
         matches!(
@@ -39,6 +52,7 @@ impl fmt::Display for Phase {
             Phase::ConnectingServer => f.write_str("Connecting…"),
             Phase::WaitingForSender => f.write_str("Waiting for the sender…"),
             Phase::ConnectingPeer => f.write_str("Connecting to the sender…"),
+            Phase::Reconnecting => f.write_str("Lost the server for a moment; reconnecting…"),
             Phase::Connected => f.write_str("Connected to the sender"),
             Phase::SenderGone => f.write_str("The sender went away"),
             Phase::Unreachable => f.write_str(

@@ -37,6 +37,9 @@ pub struct SenderUi {
     /// Receivers with an open data channel.
     pub peers: RwSignal<usize>,
     pub error: RwSignal<Option<String>>,
+    /// The signaling connection dropped and is being reopened: new receivers cannot join until
+    /// the share is back (connected ones are unaffected).
+    pub reconnecting: RwSignal<bool>,
 }
 
 impl SenderUi {
@@ -47,6 +50,7 @@ impl SenderUi {
             receivers: RwSignal::new(Vec::new()),
             peers: RwSignal::new(0),
             error: RwSignal::new(None),
+            reconnecting: RwSignal::new(false),
         }
     }
 }
@@ -156,6 +160,11 @@ pub fn SendPage() -> impl IntoView {
                 <input type="file" prop:webkitdirectory=true data-testid="folder-input" on:change=on_change/>
             </label>
             <ErrorBanner error=ui.error/>
+            <Show when=move || ui.reconnecting.get()>
+                <p class="notice" role="status" data-testid="server-status">
+                    "Reconnecting to the server… Receivers already connected carry on; the link works again for new ones once this is back."
+                </p>
+            </Show>
             {move || {
                 ui.link
                     .get()
