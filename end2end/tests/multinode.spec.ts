@@ -1,11 +1,20 @@
 // Two server nodes sharing a Redis backplane: the sender's browser talks to node 1, the receiver's
 // to node 2, and the file still crosses. Then node 1 gets SIGTERM: it exits 0, and the browsers'
 // direct connection is untouched: the receiver downloads another file after the node is gone.
+// The sender's page reconnects, takes its share back, and a new receiver in a fresh browser opens
+// the very link the sender handed out and downloads from it.
+//
+// The sender reaches the nodes the way a deployment would put them: through one address (a TCP
+// "front door" standing in for the load balancer), so its page, its WebSocket and its share link
+// all name that address. The door sends everything to node 1 at first; once node 1 is stopped it
+// has no node until the test points it at node 2 (a balancer taking the stopped node out of
+// rotation), so the page is seen reconnecting first, then back.
 import { test, expect } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
 import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink } from './browsers';
+import { frontDoor, type FrontDoor } from './proxy';
 
 const ROOT = path.join(__dirname, '..', '..');
 
@@ -36,7 +45,7 @@ function exited(child: ChildProcess): Promise<number | null> {
   });
 }
 
-test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0 and transfers go on', async () => {
+test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0, transfers go on, the link keeps working', async () => {
   const children: ChildProcess[] = [];
   const [redisPort, port1, port2] = [await freePort(), await freePort(), await freePort()];
   const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
@@ -52,7 +61,8 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0 and tran
     children.push(child);
     return child;
   };
-  const browsers = [await launch(), await launch()];
+  const browsers = [await launch(), await launch(), await launch()];
+  let door: FrontDoor | undefined;
   try {
     await until('redis', async () => {
       const sock = net.connect(redisPort, '127.0.0.1');
@@ -70,7 +80,8 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0 and tran
     const dir = tempDir();
     const file = randomFile(dir, 'cross-node.bin', 8 * 1024 * 1024 + 3);
     const after = randomFile(dir, 'after-sigterm.bin', 100_000);
-    const sender = await openPage(browsers[0], `http://127.0.0.1:${port1}/`);
+    door = await frontDoor([port1]);
+    const sender = await openPage(browsers[0], `${door.url}/`);
     await hydrated(sender);
     await sender.getByTestId('file-input').setInputFiles([file, after]);
     const link = new URL(await shareLink(sender));
@@ -89,7 +100,28 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0 and tran
     const [dl2] = await Promise.all([receiver.waitForEvent('download'), second.getByTestId('download').click()]);
     expect(sha256(await dl2.path())).toBe(sha256(after));
     await expect(receiver.getByTestId('status')).toContainText('Connected');
+
+    // The sender's page lost its server and says so; once the door leads to node 2 it is back.
+    const away = sender.getByTestId('server-status');
+    await expect(away).toBeVisible({ timeout: 10_000 });
+    door.route([port2]);
+    await expect(away).toBeHidden({ timeout: 15_000 });
+    await expect(sender.getByTestId('error')).toHaveCount(0);
+    // Same link as before, and the first receiver never noticed.
+    expect(await shareLink(sender)).toBe(link.href);
+    await expect(sender.getByTestId('peer-count')).toHaveText('1');
+
+    // A new receiver, in a browser of its own, opens the link handed out before the restart.
+    const late = await openPage(browsers[2], link.href);
+    await expect(late.getByTestId('status')).toContainText('Connected');
+    const lateItem = late.getByTestId('file-item').filter({ hasText: 'cross-node.bin' });
+    const [dl3] = await Promise.all([late.waitForEvent('download'), lateItem.getByTestId('download').click()]);
+    expect(sha256(await dl3.path())).toBe(sha256(file));
+    await expect(lateItem.getByTestId('file-status')).toHaveText('verified');
+    await expect(sender.getByTestId('peer-count')).toHaveText('2');
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
   } finally {
+    await door?.close();
     await Promise.all(browsers.map((b) => b.close()));
     for (const child of children) child.kill('SIGKILL');
   }

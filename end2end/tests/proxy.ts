@@ -1,9 +1,10 @@
-// A man-in-the-middle between a browser and the server, for the tamper test: plain HTTP is passed
-// through; on /ws it relays frames and flips one character inside every relayed signaling payload
-// the server sends to the browser.
+// Things between a browser and the server. `tamperingProxy`, for the tamper test: a
+// man-in-the-middle that passes plain HTTP through and, on /ws, relays frames and flips one
+// character inside every relayed signaling payload the server sends to the browser. `frontDoor`,
+// for the multi-node test: a TCP load balancer in front of the nodes.
 import http from 'node:http';
 import { WebSocketServer, WebSocket } from 'ws';
-import type { AddressInfo } from 'node:net';
+import net, { type AddressInfo } from 'node:net';
 
 export interface Proxy {
   url: string;
@@ -60,6 +61,53 @@ export async function tamperingProxy(upstream: string): Promise<Proxy> {
       new Promise<void>((resolve) => {
         wss.clients.forEach((c) => c.terminate());
         wss.close();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+export interface FrontDoor {
+  url: string;
+  /** Where new connections go: the first port listed (none: refused, as a balancer with no
+   * healthy node refuses). Connections already open stay where they are. */
+  route: (ports: number[]) => void;
+  close: () => Promise<void>;
+}
+
+/** A TCP-level stand-in for the load balancer in front of several nodes: the page, its assets and
+ * its WebSocket all come through one address, so the page reconnects to the same URL and lands
+ * on whichever node the balancer picks. */
+export async function frontDoor(ports: number[]): Promise<FrontDoor> {
+  let backends = [...ports];
+  const open = new Set<net.Socket>();
+  const server = net.createServer((client) => {
+    open.add(client);
+    client.on('close', () => open.delete(client));
+    client.on('error', () => client.destroy());
+    const port = backends[0];
+    if (port === undefined) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(port, '127.0.0.1');
+    open.add(upstream);
+    upstream.on('close', () => open.delete(upstream));
+    upstream.on('error', () => client.destroy());
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as AddressInfo).port;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    route: (ports) => {
+      backends = [...ports];
+    },
+    close: () =>
+      new Promise<void>((resolve) => {
+        open.forEach((s) => s.destroy());
         server.close(() => resolve());
       }),
   };
