@@ -97,6 +97,8 @@ struct State {
     /// back), and how many more joins such a refusal is worth.
     joined_before: bool,
     rejoins_left: u32,
+    /// A delayed join is scheduled.
+    rejoin_pending: bool,
     /// Bumped on every join answer, so only the latest stall check acts.
     join_generation: u32,
 }
@@ -125,6 +127,11 @@ impl State {
                 share: self.share.clone(),
             });
         }
+    }
+
+    /// Not connected to the sender yet, and not given up on it either.
+    fn still_joining(&self) -> bool {
+        self.channel.is_none() && self.ui.phase.get_untracked().needs_server()
     }
 
     /// Forgets a connection attempt to a sender that can no longer be signaled (its offer or our
@@ -181,6 +188,7 @@ impl ReceiverSession {
             downloads: HashMap::new(),
             joined_before: false,
             rejoins_left: 0,
+            rejoin_pending: false,
             join_generation: 0,
         }));
         spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
@@ -367,23 +375,26 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
         ServerMsg::Error { code, message } => {
             let mut s = state.borrow_mut();
             match code {
-                ErrorCode::NoSuchShare if s.rejoins_left > 0 && s.channel.is_none() => {
-                    // Its sender is probably reconnecting: ask again shortly.
-                    s.rejoins_left -= 1;
+                ErrorCode::NoSuchShare if s.rejoins_left > 0 && s.still_joining() => {
+                    // Its sender is probably reconnecting: ask again shortly (once).
                     s.ui.phase.set(Phase::WaitingForSender);
-                    rejoin_later(state, REJOIN_EVERY_MS);
+                    if !s.rejoin_pending {
+                        s.rejoins_left -= 1;
+                        rejoin_later(&mut s, state);
+                    }
                 }
                 ErrorCode::NoSuchShare => {
                     s.ui.phase.set(Phase::Failed("share unavailable".into()));
                     s.ui.error.set(Some("This share is not available.".into()));
                 }
-                // Our answer or candidates went to a sender id that is gone (its socket
-                // dropped, so it will be back under a new one): start over with a fresh join.
-                ErrorCode::UnknownPeer if s.channel.is_none() && s.sender.is_some() => {
-                    s.forget_attempt();
-                    s.rejoins_left = REJOIN_TRIES;
-                    s.ui.phase.set(Phase::WaitingForSender);
-                    rejoin_later(state, REJOIN_EVERY_MS);
+                // Our answer or candidates went to a sender id that is gone. Either the sender
+                // left (its `peer_left` follows) or its socket dropped and it comes back under a
+                // new id: a join shortly tells which (a new id answers with a fresh offer).
+                ErrorCode::UnknownPeer if s.sender.is_some() && s.still_joining() => {
+                    if !s.rejoin_pending {
+                        s.rejoins_left = REJOIN_TRIES;
+                        rejoin_later(&mut s, state);
+                    }
                 }
                 _ => leptos::logging::warn!("server error {code:?}: {message}"),
             }
@@ -395,14 +406,17 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
     }
 }
 
-/// Joins the share again after `delay_ms`, on whatever connection is current then.
-fn rejoin_later(state: &Rc<RefCell<State>>, delay_ms: u32) {
+/// Joins the share again a little later, on whatever connection is current then, if the page is
+/// still on its way to the sender.
+fn rejoin_later(s: &mut State, state: &Rc<RefCell<State>>) {
+    s.rejoin_pending = true;
     let weak = Rc::downgrade(state);
     spawn_local(async move {
-        gloo_timers::future::TimeoutFuture::new(delay_ms).await;
+        gloo_timers::future::TimeoutFuture::new(REJOIN_EVERY_MS).await;
         if let Some(state) = weak.upgrade() {
-            let s = state.borrow();
-            if s.sender.is_none() {
+            let mut s = state.borrow_mut();
+            s.rejoin_pending = false;
+            if s.still_joining() {
                 s.join();
             }
         }
