@@ -552,8 +552,9 @@ impl Session {
                 })
             }
             // Share ids and tokens are capabilities: they stay out of the logs.
+            // Boxed: rare, and its future would otherwise enlarge every idle socket's task.
             ClientMsg::ReclaimShare { share, token } => {
-                Some(self.reclaim_share(share, token, max_shares).await)
+                Some(Box::pin(self.reclaim_share(share, token, max_shares)).await)
             }
             ClientMsg::Join { share } => {
                 let owner = match self.broker.share_owner(&share).await {
