@@ -96,7 +96,7 @@ pub async fn handler(
 }
 
 /// Initial size of a socket's read buffer (it grows to fit a larger frame).
-const READ_BUFFER_BYTES: usize = 128;
+const READ_BUFFER_BYTES: usize = 64;
 
 /// What a socket task keeps of [`AppState`].
 struct Conn {
@@ -129,16 +129,23 @@ fn json_frame(msg: &ServerMsg) -> Message {
 /// buffers; an unbounded send would then wedge its task forever: no idle timeout, no shutdown, and
 /// the peer and its shares would stay registered.
 ///
-/// (Not an `async fn`, which would hold its arguments twice: this future sits in every socket
-/// task's state.)
+/// Nearly every send completes at once; only one that has to wait gets a timer (boxed, with the
+/// pending send). This future sits in every socket task's state, so it stays small: not an `async
+/// fn` (which would hold its arguments twice), no timer inline.
 fn send_within<'a>(
     tx: &'a mut WebSocket,
     msg: Message,
     limit: Duration,
 ) -> impl Future<Output = bool> + 'a {
-    // The sink's `send`, not axum's inherent `WebSocket::send`, whose future holds the message
-    // twice.
-    timeout(limit, SinkExt::send(tx, msg)).map(|sent| matches!(sent, Ok(Ok(()))))
+    async move {
+        // The sink's `send`, not axum's inherent `WebSocket::send`, whose future holds the
+        // message twice.
+        let mut send = SinkExt::send(tx, msg);
+        match (&mut send).now_or_never() {
+            Some(sent) => sent.is_ok(),
+            None => matches!(Box::pin(timeout(limit, send)).await, Ok(Ok(()))),
+        }
+    }
 }
 
 /// Why the loop ended, and what (if anything) to tell the client.
@@ -269,12 +276,11 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         let _ip_slot = &ip_slot;
         let limits = &config.limits;
         metrics.connection();
-        let write_limit = limits.idle_timeout();
         let registration = match broker.register(peer).await {
             Ok(r) => r,
             Err(BrokerError::Closed) => {
                 metrics.disconnect(Disconnect::Shutdown);
-                let _ = send_within(&mut socket, reconnect(), write_limit).await;
+                let _ = send_within(&mut socket, reconnect(), limits.idle_timeout()).await;
                 return;
             }
             Err(e) => {
@@ -285,7 +291,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                 let _ = send_within(
                     &mut socket,
                     close(close_code::REGISTRATION_FAILED, "registration failed"),
-                    write_limit,
+                    limits.idle_timeout(),
                 )
                 .await;
                 return;
@@ -303,7 +309,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             you: peer,
             ice_servers: config.ice_servers.clone(),
         });
-        if !send_within(&mut socket, welcome, write_limit).await {
+        if !send_within(&mut socket, welcome, limits.idle_timeout()).await {
             return;
         }
         // A timer in the task itself (an `Interval` would box one), re-armed at every tick.
@@ -346,13 +352,13 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                 }
                 Step::End(exit) => break exit,
             };
-            if !send_within(&mut socket, frame, write_limit).await {
+            if !send_within(&mut socket, frame, limits.idle_timeout()).await {
                 break Exit::ClientGone;
             }
         };
         if let Exit::ClientClosed = exit {
             // Flushing sends tungstenite's queued echo: the closing handshake completes.
-            let _ = timeout(write_limit, socket.flush()).await;
+            let _ = Box::pin(timeout(limits.idle_timeout(), socket.flush())).await;
         }
         metrics.disconnect(exit.cause());
         if matches!(exit.cause(), Disconnect::Shutdown) {
@@ -365,7 +371,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         drop(session);
         if let Exit::Close(code, reason, cause) = exit {
             tracing::debug!(code, reason, "closing socket");
-            if send_within(&mut socket, close(code, reason), write_limit).await
+            if send_within(&mut socket, close(code, reason), limits.idle_timeout()).await
                 && matches!(cause, Disconnect::RateLimited | Disconnect::BadFrame)
             {
                 linger(&mut socket).await;
@@ -462,7 +468,7 @@ async fn linger(socket: &mut WebSocket) {
             }
         }
     };
-    let _ = timeout(CLOSE_LINGER, drain).await;
+    let _ = Box::pin(timeout(CLOSE_LINGER, drain)).await;
 }
 
 /// One peer's state, owned by its socket task.
