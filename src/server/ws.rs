@@ -95,11 +95,11 @@ pub async fn handler(
         })
 }
 
-/// Initial size of a socket's read buffer. It grows to the largest frame the client sent (every
-/// WebRTC peer sends an SDP of a few kB), and what is left of it after a frame holds the next
-/// ones. Measured with the load benchmark: a 1 KiB start costs ~1 kB more per idle peer; a
-/// connection that only ever sends ~200-byte frames then needs one read per frame instead of two
-/// (about 2 µs of server CPU per message less in the relay step).
+/// Initial size of a socket's read buffer; tungstenite grows it to fit a larger frame. A signaling
+/// server mostly holds idle sockets (a peer sends a few dozen messages in its whole life), so this
+/// is sized for them. Measured side by side with the load benchmark: a 1 KiB start costs ~1 kB more
+/// per idle peer and saves ~3 µs of server CPU per relayed ~200-byte message (fewer partial
+/// reads: tungstenite reads at most the buffer's spare capacity).
 const READ_BUFFER_BYTES: usize = 64;
 
 /// What a socket task keeps of [`AppState`].
