@@ -43,16 +43,46 @@ pub const SHARE_ID_LEN: usize = 32;
 #[error("a share id is {SHARE_ID_LEN} lowercase hex digits")]
 pub struct BadShareId;
 
-impl ShareId {
-    #[cfg(feature = "ssr")]
-    pub fn new_random() -> Self {
-        let bytes: [u8; 16] = rand::random();
-        Self(hex::encode(bytes))
-    }
+/// The constructors and conversions of a 128-bit lowercase-hex newtype (share ids, claim tokens):
+/// it can only hold a valid value, and (de)serializes as its string.
+macro_rules! hex128_newtype {
+    ($name:ident, $error:ident) => {
+        impl $name {
+            #[cfg(feature = "ssr")]
+            pub fn new_random() -> Self {
+                let bytes: [u8; 16] = rand::random();
+                Self(hex::encode(bytes))
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = $error;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                if is_hex128(&s) {
+                    Ok(Self(s))
+                } else {
+                    Err($error)
+                }
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $error;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::try_from(s.to_owned())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+    };
 }
 
 /// 128 bits as 32 lowercase hex digits: the form of share ids and claim tokens.
@@ -62,29 +92,7 @@ fn is_hex128(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-impl TryFrom<String> for ShareId {
-    type Error = BadShareId;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        if is_hex128(&s) {
-            Ok(Self(s))
-        } else {
-            Err(BadShareId)
-        }
-    }
-}
-
-impl std::str::FromStr for ShareId {
-    type Err = BadShareId;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::try_from(s.to_owned())
-    }
-}
-
-impl From<ShareId> for String {
-    fn from(s: ShareId) -> String {
-        s.0
-    }
-}
+hex128_newtype!(ShareId, BadShareId);
 
 impl fmt::Display for ShareId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -104,41 +112,7 @@ pub struct ClaimToken(String);
 #[error("a claim token is 32 lowercase hex digits")]
 pub struct BadClaimToken;
 
-impl ClaimToken {
-    #[cfg(feature = "ssr")]
-    pub fn new_random() -> Self {
-        let bytes: [u8; 16] = rand::random();
-        Self(hex::encode(bytes))
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for ClaimToken {
-    type Error = BadClaimToken;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        if is_hex128(&s) {
-            Ok(Self(s))
-        } else {
-            Err(BadClaimToken)
-        }
-    }
-}
-
-impl std::str::FromStr for ClaimToken {
-    type Err = BadClaimToken;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::try_from(s.to_owned())
-    }
-}
-
-impl From<ClaimToken> for String {
-    fn from(t: ClaimToken) -> String {
-        t.0
-    }
-}
+hex128_newtype!(ClaimToken, BadClaimToken);
 
 /// A secret: never printed, so it cannot end up in a log line by accident.
 impl fmt::Debug for ClaimToken {
