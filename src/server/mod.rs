@@ -29,8 +29,6 @@ pub struct AppState {
     pub leptos_options: LeptosOptions,
     pub broker: DynBroker,
     pub config: Arc<Config>,
-    /// Flips to `true` when the server begins shutting down.
-    pub shutdown: watch::Receiver<bool>,
     /// Counters and gauges served at `/metrics`.
     pub metrics: Arc<metrics::Metrics>,
     /// Open sockets per client IP, for `limits.max_connections_per_ip`.
@@ -38,18 +36,12 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
-        leptos_options: LeptosOptions,
-        broker: DynBroker,
-        config: Config,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(leptos_options: LeptosOptions, broker: DynBroker, config: Config) -> Self {
         let ip_connections = limits::IpConnections::new(config.limits.max_connections_per_ip);
         Self {
             leptos_options,
             broker,
             config: Arc::new(config),
-            shutdown,
             metrics: Arc::default(),
             ip_connections,
         }
@@ -170,7 +162,7 @@ pub async fn start(
         source,
     })?;
     let (stop, shutdown) = watch::channel(false);
-    let state = AppState::new(leptos_options, broker.clone(), config, shutdown.clone());
+    let state = AppState::new(leptos_options, broker.clone(), config);
     // The peer address feeds the per-IP connection cap.
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Signaling is small messages that must go out at once: without TCP_NODELAY, Nagle's algorithm
@@ -237,9 +229,8 @@ mod tests {
     }
 
     fn state(broker: DynBroker) -> AppState {
-        let (_stop, shutdown) = watch::channel(false);
         let options = LeptosOptions::builder().output_name("beamdrop").build();
-        AppState::new(options, broker, Config::default(), shutdown)
+        AppState::new(options, broker, Config::default())
     }
 
     async fn body(response: axum::response::Response) -> String {
