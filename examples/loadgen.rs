@@ -241,6 +241,13 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 /// utime + stime of a process (all threads), in clock ticks.
 fn cpu_ticks(pid: &str) -> Option<u64> {
+    cpu_ticks_split(pid).map(|(user, system)| user + system)
+}
+
+/// (utime, stime) of a process (all threads), in clock ticks. stime is the kernel's work on the
+/// process's behalf: its syscalls and, on loopback, the TCP receive path its sends run for the
+/// other end.
+fn cpu_ticks_split(pid: &str) -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -248,7 +255,7 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     // Field 3 (state) is index 0 here; utime is field 14, stime field 15.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// (busy, total) jiffies over all CPUs, from /proc/stat.
@@ -281,6 +288,8 @@ fn open_files_limit() -> Option<u64> {
 struct Snap {
     wall: Instant,
     servers: u64,
+    /// The servers' stime alone (included in `servers`).
+    servers_sys: u64,
     aux: u64,
     me: u64,
     busy: u64,
@@ -291,6 +300,8 @@ struct Snap {
 struct Cpu {
     wall: f64,
     servers: f64,
+    /// Of `servers`, the time spent in the kernel.
+    servers_sys: f64,
     aux: f64,
     me: f64,
     /// Busy share of all CPUs, 0..1.
@@ -315,6 +326,12 @@ impl Common {
         Snap {
             wall: Instant::now(),
             servers: sum(&self.server_pids),
+            servers_sys: self
+                .server_pids
+                .iter()
+                .filter_map(|p| cpu_ticks_split(&p.to_string()))
+                .map(|(_, system)| system)
+                .sum(),
             aux: sum(&self.aux_pids),
             me: cpu_ticks("self").unwrap_or(0),
             busy,
@@ -328,6 +345,7 @@ impl Common {
         Cpu {
             wall: b.wall.duration_since(a.wall).as_secs_f64(),
             servers: t(a.servers, b.servers),
+            servers_sys: t(a.servers_sys, b.servers_sys),
             aux: t(a.aux, b.aux),
             me: t(a.me, b.me),
             machine: b.busy.saturating_sub(a.busy) as f64 / total,
@@ -1275,6 +1293,10 @@ async fn relay(args: RelayArgs) -> Result<(), String> {
             row.push(("errors", errors.to_string()));
             row.push(("server CPU cores", format!("{:.2}", cpu.servers / cpu.wall)));
             row.push(("server CPU µs/msg", format!("{cpu_us:.1}")));
+            row.push((
+                "of which kernel µs/msg",
+                format!("{:.1}", cpu.servers_sys * 1e6 / received.max(1) as f64),
+            ));
             if !c.aux_pids.is_empty() {
                 row.push((
                     "redis CPU µs/msg",

@@ -97,9 +97,10 @@ pub async fn handler(
 
 /// Initial size of a socket's read buffer; tungstenite grows it to fit a larger frame. A signaling
 /// server mostly holds idle sockets (a peer sends a few dozen messages in its whole life), so this
-/// is sized for them. Measured side by side with the load benchmark: a 1 KiB start costs ~1 kB more
-/// per idle peer and saves ~3 µs of server CPU per relayed ~200-byte message (fewer partial
-/// reads: tungstenite reads at most the buffer's spare capacity).
+/// is sized for them: a 1 KiB start cost ~1 kB more per idle peer (load benchmark). tungstenite
+/// also never reads more than this beyond what it holds, which straight from the socket meant 3–4
+/// `recvfrom` per ~200-byte signal; the accepted sockets are [`super::read_ahead::ReadAhead`]
+/// streams, so those small reads are served from one syscall.
 const READ_BUFFER_BYTES: usize = 64;
 
 /// What a socket task keeps of [`AppState`].
@@ -136,6 +137,7 @@ fn json_frame(msg: &ServerMsg) -> Message {
 /// Nearly every send completes at once; only one that has to wait gets a timer (boxed, with the
 /// pending send). This future sits in every socket task's state, so it stays small: not an `async
 /// fn` (which would hold its arguments twice), no timer inline.
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`: see above
 fn send_within<'a>(
     tx: &'a mut WebSocket,
     msg: Message,
