@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser)]
@@ -57,7 +58,10 @@ async fn peer(stream: TcpStream, tables: Arc<Tables>) {
     if stream.set_nodelay(true).is_err() {
         return;
     }
-    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+    // 4 KiB: tungstenite zero-fills its read buffer up to this size before every read, so its
+    // 128 KiB default would cost this relay more than all its real work.
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else {
         return;
     };
     let me = PeerId::new_random();

@@ -96,6 +96,10 @@ struct Common {
     /// Title of the result table.
     #[arg(long, default_value = "")]
     label: String,
+    /// If set, every row this run emits starts with a "server" column holding it (to put runs
+    /// against different servers in one table).
+    #[arg(long, default_value = "")]
+    server_name: String,
     /// Append result rows (JSON lines) to this file.
     #[arg(long)]
     results: Option<PathBuf>,
@@ -385,6 +389,8 @@ impl Common {
 
     /// One result row: printed on stderr and appended to `--results`.
     fn emit(&self, table: &str, row: &[(&str, String)]) {
+        let server = (!self.server_name.is_empty()).then(|| ("server", self.server_name.clone()));
+        let row: Vec<&(&str, String)> = server.iter().chain(row).collect();
         let cols: Vec<&str> = row.iter().map(|(c, _)| *c).collect();
         let vals: Vec<&str> = row.iter().map(|(_, v)| v.as_str()).collect();
         let mut line = String::new();
