@@ -337,7 +337,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         let exit = loop {
             let event = tokio::select! {
                 frame = socket.recv() => Event::Frame(frame),
-                msg = session.registration.inbox.recv_async() => Event::Inbox(msg.ok()),
+                msg = session.registration.inbox.recv() => Event::Inbox(msg),
                 _ = &mut ping => Event::Tick,
             };
             let frame = match on_event(event, &mut session, &mut pacing, &metrics, limits) {
@@ -706,7 +706,7 @@ impl Drop for Session {
         // Introductions still queued in the inbox count too: a receiver that joined just before
         // this socket ended must hear that its sender left.
         self.registration.unregister();
-        while let Ok(msg) = self.registration.inbox.try_recv() {
+        while let Some(msg) = self.registration.inbox.try_recv() {
             self.observe(&msg);
         }
         if self.introduced.is_empty() {

@@ -259,8 +259,8 @@ mod tests {
         let ra = broker.register(a).await.unwrap();
         let rb = broker.register(b).await.unwrap();
         broker.publish(b, ServerMsg::Pong).await.unwrap();
-        assert_eq!(rb.inbox.recv_async().await.ok(), Some(ServerMsg::Pong));
-        assert!(ra.inbox.try_recv().is_err());
+        assert_eq!(rb.inbox.recv().await, Some(ServerMsg::Pong));
+        assert!(ra.inbox.try_recv().is_none());
         assert_eq!(
             broker.publish(PeerId::new_random(), ServerMsg::Pong).await,
             Err(BrokerError::UnknownPeer)
@@ -316,7 +316,7 @@ mod tests {
         let a = PeerId::new_random();
         let ra = broker.register(a).await.unwrap();
         broker.close();
-        assert!(ra.inbox.recv_async().await.is_err(), "the inbox ended");
+        assert!(ra.inbox.recv().await.is_none(), "the inbox ended");
         assert_eq!(
             broker.register(PeerId::new_random()).await.err(),
             Some(BrokerError::Closed)

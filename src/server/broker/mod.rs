@@ -5,9 +5,11 @@
 
 mod memory;
 mod redis;
+mod topic;
 
 pub use self::redis::{RedisBroker, RedisOptions};
 pub use memory::MemoryBroker;
+pub use topic::{topic, Inbox, Outbox, TrySendError};
 
 use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
 use sha2::{Digest, Sha256};
@@ -42,26 +44,12 @@ pub enum BrokerError {
 /// Drops whatever a backend must undo when a registration or share ends.
 pub type Guard = Box<dyn Send + Sync>;
 
-/// The receiving end of a peer's topic: what was published to it, in order.
-///
-/// A flume channel: it allocates nothing until messages queue up (a tokio channel allocates a
-/// block of slots up front), which matters with thousands of idle peers per node.
-pub type Inbox = flume::Receiver<ServerMsg>;
-
-/// The sending end of a peer's topic, held only by the broker's table of local peers.
-pub type Outbox = flume::Sender<ServerMsg>;
-
-/// A peer's topic, holding at most `capacity` undelivered messages.
-pub fn topic(capacity: usize) -> (Outbox, Inbox) {
-    flume::bounded(capacity.max(1))
-}
-
 /// Hands `msg` to a local peer's inbox without waiting: a full inbox is [`BrokerError::PeerBusy`],
 /// a closed one [`BrokerError::UnknownPeer`].
 pub fn deliver(outbox: &Outbox, msg: ServerMsg) -> Result<(), BrokerError> {
     outbox.try_send(msg).map_err(|e| match e {
-        flume::TrySendError::Full(_) => BrokerError::PeerBusy,
-        flume::TrySendError::Disconnected(_) => BrokerError::UnknownPeer,
+        TrySendError::Full(_) => BrokerError::PeerBusy,
+        TrySendError::Ended(_) => BrokerError::UnknownPeer,
     })
 }
 
