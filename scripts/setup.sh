@@ -10,6 +10,9 @@ CARGO_LEPTOS_VERSION=0.3.10
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 need_rust_tools() {
+  # The server's allocator (jemalloc) is built from C source.
+  need_apt cc gcc
+  need_apt make make
   if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
     say "adding the wasm32-unknown-unknown target"
     rustup target add wasm32-unknown-unknown

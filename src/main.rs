@@ -4,6 +4,14 @@ use leptos::prelude::get_configuration;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc instead of glibc's malloc: a node holds tens of thousands of long-lived sockets whose
+/// small allocations interleave with each connection's short-lived HTTP ones, and glibc's arenas
+/// kept ~1.2 kB of free fragments per idle peer resident (malloc_stats at 18k peers: 54 MB
+/// held, 31 MB in use; malloc_trim returned nothing). Measured side by side with the load
+/// benchmark: RSS per idle peer 2.99 -> 2.41 kB, CPU per relayed message unchanged.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
