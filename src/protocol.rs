@@ -294,6 +294,13 @@ impl DecodeError {
 /// valid JSON prefix this scan sees the same strings and brackets, so serde never recurses deeper
 /// than the depth this scan reports.
 pub fn json_depth_exceeds(json: &[u8], max_depth: usize) -> bool {
+    // Nesting deeper than `max_depth` needs more than `max_depth` opening brackets somewhere. A
+    // plain count (vectorised) settles nearly every real message, whose brackets are a few; only
+    // the rest get the scan that tells brackets in strings apart.
+    let opening = json.iter().filter(|&&b| b == b'[' || b == b'{').count();
+    if opening <= max_depth {
+        return false;
+    }
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
