@@ -8,7 +8,9 @@
 // "front door" standing in for the load balancer), so its page, its WebSocket and its share link
 // all name that address. The door sends everything to node 1 at first; once node 1 is stopped it
 // has no node until the test points it at node 2 (a balancer taking the stopped node out of
-// rotation), so the page is seen reconnecting first, then back.
+// rotation), so the page is seen reconnecting first, then back. A receiver who opens the link
+// while the sender is away is told the share is not available, and gets the files anyway once
+// the sender is back, without reloading.
 import { test, expect } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
@@ -61,7 +63,7 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0, transfe
     children.push(child);
     return child;
   };
-  const browsers = [await launch(), await launch(), await launch()];
+  const browsers = [await launch(), await launch(), await launch(), await launch()];
   let door: FrontDoor | undefined;
   try {
     await until('redis', async () => {
@@ -104,12 +106,26 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0, transfe
     // The sender's page lost its server and says so; once the door leads to node 2 it is back.
     const away = sender.getByTestId('server-status');
     await expect(away).toBeVisible({ timeout: 10_000 });
+    // Opened while the sender is away (once its share has expired in Redis, ≤ 10 s): the page
+    // says the share is not available, and keeps checking.
+    const onNode2 = `http://127.0.0.1:${port2}${link.pathname}`;
+    await until('the share to expire', async () => (await (await fetch(onNode2)).text()).includes('not available'), 15_000);
+    const early = await openPage(browsers[3], `${onNode2}${link.hash}`);
+    await expect(early.getByTestId('error')).toContainText('not available');
+    await hydrated(early);
     door.route([port2]);
     await expect(away).toBeHidden({ timeout: 15_000 });
     await expect(sender.getByTestId('error')).toHaveCount(0);
-    // Same link as before, and the first receiver never noticed.
+    // Same link as before; the first receiver never noticed, the one who came meanwhile joins too.
     expect(await shareLink(sender)).toBe(link.href);
-    await expect(sender.getByTestId('peer-count')).toHaveText('1');
+    await expect(sender.getByTestId('peer-count')).toHaveText('2', { timeout: 20_000 });
+
+    // The page opened during the outage found the sender once it was back.
+    await expect(early.getByTestId('status')).toContainText('Connected', { timeout: 20_000 });
+    await expect(early.getByTestId('error')).toHaveCount(0);
+    const earlyItem = early.getByTestId('file-item').filter({ hasText: 'after-sigterm.bin' });
+    const [dlEarly] = await Promise.all([early.waitForEvent('download'), earlyItem.getByTestId('download').click()]);
+    expect(sha256(await dlEarly.path())).toBe(sha256(after));
 
     // A new receiver, in a browser of its own, opens the link handed out before the restart.
     const late = await openPage(browsers[2], link.href);
@@ -118,7 +134,7 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0, transfe
     const [dl3] = await Promise.all([late.waitForEvent('download'), lateItem.getByTestId('download').click()]);
     expect(sha256(await dl3.path())).toBe(sha256(file));
     await expect(lateItem.getByTestId('file-status')).toHaveText('verified');
-    await expect(sender.getByTestId('peer-count')).toHaveText('2');
+    await expect(sender.getByTestId('peer-count')).toHaveText('3');
     await expect(receiver.getByTestId('status')).toContainText('Connected');
   } finally {
     await door?.close();

@@ -31,8 +31,10 @@ use web_sys::RtcPeerConnectionState;
 /// Progress is pushed to the page at most this often (ms) while bytes stream in.
 const PROGRESS_EVERY_MS: f64 = 100.0;
 
-/// After a reconnect, how often (and how many times) a share the server does not know (yet) is
-/// joined again: its sender may still be reconnecting (up to ~5 s backoff, plus its reclaim).
+/// How often (and how many times) a share the server does not know (yet) is joined again: its
+/// sender may be reconnecting (up to ~5 s backoff, plus its reclaim). After a reconnect of ours,
+/// and on a page opened while the share was unknown: a link opened in the moment its sender's
+/// node restarts still works a few seconds later.
 const REJOIN_EVERY_MS: u32 = 1_500;
 const REJOIN_TRIES: u32 = 12;
 
@@ -187,7 +189,7 @@ impl ReceiverSession {
             channel: None,
             downloads: HashMap::new(),
             joined_before: false,
-            rejoins_left: 0,
+            rejoins_left: REJOIN_TRIES,
             rejoin_pending: false,
             join_generation: 0,
         }));
@@ -325,6 +327,8 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
             }
             s.sender = Some(sender);
             s.joined_before = true;
+            // The page may have opened saying the share was not available.
+            s.ui.error.set(None);
             s.join_generation = s.join_generation.wrapping_add(1);
             s.ui.phase.set(Phase::ConnectingPeer);
             let (generation, weak) = (s.join_generation, Rc::downgrade(state));
@@ -385,7 +389,10 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                 }
                 ErrorCode::NoSuchShare => {
                     s.ui.phase.set(Phase::Failed("share unavailable".into()));
-                    s.ui.error.set(Some("This share is not available.".into()));
+                    s.ui.error.set(Some(
+                        "This share is not available. The sender may have closed their tab, or the link is wrong."
+                            .into(),
+                    ));
                 }
                 // Our answer or candidates went to a sender id that is gone. Either the sender
                 // left (its `peer_left` follows) or its socket dropped and it comes back under a

@@ -100,12 +100,7 @@ pub fn ReceivePage() -> impl IntoView {
             <Suspense fallback=|| view! { <p class="notice">"Looking up this share…"</p> }>
                 {move || Suspend::new(async move {
                     match available.await {
-                        Ok(true) => view! { <Receiver share=share()/> }.into_any(),
-                        Ok(false) => view! {
-                            <p class="error" role="alert" data-testid="error">
-                                "This share is not available. The sender may have closed their tab, or the link is wrong."
-                            </p>
-                        }.into_any(),
+                        Ok(available) => view! { <Receiver share=share() available/> }.into_any(),
                         Err(e) => view! {
                             <p class="error" role="alert" data-testid="error">{format!("Could not look up this share: {e}")}</p>
                         }.into_any(),
@@ -116,12 +111,17 @@ pub fn ReceivePage() -> impl IntoView {
     }
 }
 
+/// What the page says when the server did not know the share at render time. The page still
+/// joins (and rejoins for a few seconds): a sender whose node is restarting is back moments later.
+const UNAVAILABLE: &str = "This share is not available. The sender may have closed their tab, or the link is wrong. This page checks again for a few seconds.";
+
+/// `available`: whether the server knew the share when it rendered the page.
 #[component]
-fn Receiver(share: String) -> impl IntoView {
+fn Receiver(share: String, available: bool) -> impl IntoView {
     let ui = ReceiverUi {
         phase: RwSignal::new(Phase::ConnectingServer),
         files: RwSignal::new(Vec::new()),
-        error: RwSignal::new(None),
+        error: RwSignal::new((!available).then(|| UNAVAILABLE.to_string())),
     };
 
     #[cfg(feature = "hydrate")]
