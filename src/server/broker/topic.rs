@@ -149,7 +149,7 @@ impl Inbox {
         }
     }
 
-    /// Bytes of queue buffer this topic holds (for tests).
+    /// How many messages the queue's buffer has room for (for tests).
     #[cfg(test)]
     fn buffer_capacity(&self) -> usize {
         self.shared.lock().msgs.capacity()
