@@ -318,7 +318,9 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
         }
         ServerMsg::Joined { sender, .. } => {
             let mut s = state.borrow_mut();
-            if s.channel.is_some() {
+            // Connected already, or past joining: a late answer to an earlier join must not undo
+            // a failure (a bad link stays failed, with its message).
+            if !s.still_joining() {
                 return;
             }
             if s.sender.is_some_and(|old| old != sender) {
@@ -327,7 +329,8 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
             }
             s.sender = Some(sender);
             s.joined_before = true;
-            // The page may have opened saying the share was not available.
+            // Still joining, so the only message up can be the one the page opened with: the
+            // share was not available.
             s.ui.error.set(None);
             s.join_generation = s.join_generation.wrapping_add(1);
             s.ui.phase.set(Phase::ConnectingPeer);
