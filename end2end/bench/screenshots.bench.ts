@@ -44,7 +44,15 @@ test('screenshots', async () => {
         await sender.context().close();
       }
     }
-    const gone = await page(receiverBrowser, '/s/0123456789abcdef0123456789abcdef#00', VIEWPORTS.desktop, false);
+    // A well-formed link to a share nobody holds: the page says so and keeps checking a while.
+    const gone = await page(
+      receiverBrowser,
+      '/s/0123456789abcdef0123456789abcdef#00112233445566778899aabbccddeeff',
+      VIEWPORTS.desktop,
+      false,
+    );
+    await hydrated(gone);
+    await expect(gone.getByTestId('error')).toContainText('not available');
     await gone.screenshot({ path: path.join(OUT, 'receive-unavailable-desktop.png'), fullPage: true });
   } finally {
     await senderBrowser.close();
