@@ -324,19 +324,20 @@ impl Cpu {
 
 impl Common {
     fn snap(&self) -> Snap {
-        let sum =
-            |pids: &[u32]| -> u64 { pids.iter().filter_map(|p| cpu_ticks(&p.to_string())).sum() };
+        // (user, system) summed over pids, one read of /proc/<pid>/stat each.
+        let sum = |pids: &[u32]| -> (u64, u64) {
+            pids.iter()
+                .filter_map(|p| cpu_ticks_split(&p.to_string()))
+                .fold((0, 0), |(u, s), (user, system)| (u + user, s + system))
+        };
         let (busy, total) = machine_jiffies();
+        let (servers_user, servers_sys) = sum(&self.server_pids);
+        let (aux_user, aux_sys) = sum(&self.aux_pids);
         Snap {
             wall: Instant::now(),
-            servers: sum(&self.server_pids),
-            servers_sys: self
-                .server_pids
-                .iter()
-                .filter_map(|p| cpu_ticks_split(&p.to_string()))
-                .map(|(_, system)| system)
-                .sum(),
-            aux: sum(&self.aux_pids),
+            servers: servers_user + servers_sys,
+            servers_sys,
+            aux: aux_user + aux_sys,
             me: cpu_ticks("self").unwrap_or(0),
             busy,
             total,
