@@ -1,13 +1,25 @@
 //! The transfer engine: pure Rust, shared by both sides of a DataChannel and tested natively.
 //!
-//! - [`PeerMsg`]: JSON control messages (file list, requests, end-of-file with SHA-256).
-//! - [`frame`]: binary data frames `[file id][offset][bytes]`.
-//! - [`reassembly`]: the receiver writes by offset, tracks coverage, and verifies size and SHA-256.
+//! - [`PeerMsg`]: JSON control messages (file list, requests by byte range with a transfer id,
+//!   block hashes, acknowledgements, cancel, end of a request).
+//! - [`frame`]: binary data frames `[transfer id][offset][bytes]`.
+//! - [`blocks`]: BLAKE3 per-block hashes and the file's root hash from them.
+//! - [`incoming`]: the receiver writes by offset, checks every block as it completes, and knows
+//!   what is still missing (after a break, a reload, or a bad block).
+//! - [`outgoing`]: the sender's queue of requests, cancellation and flow window per receiver.
+//! - [`record`]: the receiver's on-disk record of verified blocks, so a partial file survives.
+//! - [`paths`]: relative paths from a sender made safe to write under a chosen folder.
 
+pub mod blocks;
 pub mod frame;
+pub mod incoming;
+pub mod outgoing;
+pub mod paths;
 pub mod progress;
-pub mod reassembly;
+pub mod ranges;
+pub mod record;
 
+use blocks::BlockHash;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -16,33 +28,33 @@ use std::fmt;
 pub struct FlowControl {
     /// Payload bytes per binary frame (capped by the connection's max message size).
     pub chunk_size: usize,
-    /// Bytes read from the file per read, split into frames.
-    pub read_block: usize,
     /// Stop sending while the channel's `bufferedAmount` is above this.
     pub high_water: u32,
     /// `bufferedAmountLowThreshold`: resume when the queue drains to this.
     pub low_water: u32,
+    /// Bytes of one transfer that may be sent but not yet stored and verified by the receiver
+    /// ([`PeerMsg::Ack`]): the receiver's disk gives backpressure through this window.
+    pub window: u64,
 }
 
 impl FlowControl {
     /// Measured with `scripts/bench-transfer` (docs/bench/transfer.md): chunk size between 32 KiB
     /// and 256 KiB made no clear difference; marks of 4 MiB / 1 MiB beat 8 MiB / 2 MiB (1.32×) and
-    /// 1 MiB / 256 KiB (1.12×) in the same run.
+    /// 1 MiB / 256 KiB (1.12×) in the same run. The window is 16 blocks: at 15 MB/s a second of
+    /// data, far more than the channel holds, so it only binds when the receiver's disk lags.
     pub const DEFAULT: FlowControl = FlowControl {
         chunk_size: 64 * 1024,
-        read_block: 1024 * 1024,
         high_water: 4 * 1024 * 1024,
         low_water: 1024 * 1024,
+        window: 16 * blocks::BLOCK_SIZE,
     };
 
-    /// Overrides from a URL query (`?chunk=…&block=…&high=…&low=…`, bytes), for benchmarking.
-    /// Unknown keys and unparsable values are ignored; the marks stay ordered (low ≤ high).
+    /// Overrides from a URL query (`?chunk=…&high=…&low=…&window=…`, bytes), for benchmarking.
+    /// Unknown keys and unparsable values are ignored; the marks stay ordered (low ≤ high) and
+    /// the window holds at least one block.
     pub fn with_query(self, query: &str) -> Self {
         let mut fc = self;
-        for pair in query.trim_start_matches('?').split('&') {
-            let Some((key, value)) = pair.split_once('=') else {
-                continue;
-            };
+        for (key, value) in query_pairs(query) {
             let Ok(n) = value.parse::<u32>() else {
                 continue;
             };
@@ -51,9 +63,9 @@ impl FlowControl {
             }
             match key {
                 "chunk" => fc.chunk_size = n as usize,
-                "block" => fc.read_block = n as usize,
                 "high" => fc.high_water = n,
                 "low" => fc.low_water = n,
+                "window" => fc.window = u64::from(n).max(blocks::BLOCK_SIZE),
                 _ => {}
             }
         }
@@ -61,17 +73,26 @@ impl FlowControl {
         fc
     }
 
-    /// The same settings with the chunk shrunk to fit a connection's `maxMessageSize`.
+    /// The same settings with the chunk shrunk to fit a connection's `maxMessageSize`, and never
+    /// larger than a block (a frame never spans two blocks).
     pub fn fitted_to(self, max_message_size: Option<usize>) -> Self {
-        let chunk_size = match max_message_size {
-            Some(max) if max > frame::HEADER_LEN => self.chunk_size.min(max - frame::HEADER_LEN),
-            _ => self.chunk_size,
-        };
+        let mut chunk_size = self.chunk_size.min(blocks::BLOCK_SIZE as usize);
+        if let Some(max) = max_message_size.filter(|&max| max > frame::HEADER_LEN) {
+            chunk_size = chunk_size.min(max - frame::HEADER_LEN);
+        }
         Self { chunk_size, ..self }
     }
 }
 
-/// A file's id within one share (assigned by the sender, never reused while the share lives).
+/// `key=value` pairs of a URL query (with or without its `?`).
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .trim_start_matches('?')
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+}
+
+/// A file's id within one share (assigned by the sender, never reused while its page lives).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct FileId(pub u32);
@@ -82,21 +103,41 @@ impl fmt::Display for FileId {
     }
 }
 
+/// One request's id, chosen by the receiver and unique on its connection: every frame carries
+/// it, so bytes of a cancelled or superseded request are told apart from the current one's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TransferId(pub u32);
+
+impl fmt::Display for TransferId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// What a receiver learns about a file before any byte moves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileMeta {
     pub id: FileId,
     pub name: String,
-    /// Path relative to a dropped folder ("" for a loose file).
+    /// Path relative to a dropped folder, file name included ("" for a loose file). As sent:
+    /// the receiver makes it safe ([`paths`]) before using it.
     #[serde(default)]
     pub path: String,
     pub size: u64,
     #[serde(default)]
     pub mime: String,
-    /// Hex SHA-256 when the sender already knows it.
+    /// Last modification, ms since the epoch (0 when unknown): with path, name and size it tells
+    /// a receiver whether a partial download belongs to this file.
+    #[serde(default)]
+    pub modified: u64,
+    /// The file's BLAKE3 hash, once the sender knows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
+    pub hash: Option<BlockHash>,
 }
+
+/// A half-open byte range `[start, end)`, `[start, end]` in JSON.
+pub type ByteRange = (u64, u64);
 
 /// Control messages on the DataChannel (text frames). Data moves in binary [`frame`]s.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,16 +145,37 @@ pub struct FileMeta {
 pub enum PeerMsg {
     /// Sender → receiver: the whole current file list (sent again on every change).
     Manifest { files: Vec<FileMeta> },
-    /// Receiver → sender: send me this file from the start.
-    Request { file: FileId },
-    /// Sender → receiver: every frame of `file` has been queued; its size and SHA-256.
-    FileEnd {
+    /// Receiver → sender: send these byte ranges of `file` (whole blocks, the last may end at
+    /// the end of the file) as `transfer`. Requests are served in order, one at a time.
+    Request {
+        transfer: TransferId,
+        file: FileId,
+        ranges: Vec<ByteRange>,
+    },
+    /// Receiver → sender: stop `transfer` (queued or running); its frames are not wanted.
+    Cancel { transfer: TransferId },
+    /// Receiver → sender: `stored` bytes of `transfer` are on disk and verified.
+    Ack { transfer: TransferId, stored: u64 },
+    /// Sender → receiver: the hash of block `index`, sent before the block's bytes.
+    Block {
+        transfer: TransferId,
+        index: u32,
+        hash: BlockHash,
+    },
+    /// Sender → receiver: every byte `transfer` asked for has been queued; the file's size and
+    /// BLAKE3 root hash.
+    End {
+        transfer: TransferId,
         file: FileId,
         size: u64,
-        sha256: String,
+        hash: BlockHash,
     },
-    /// Sender → receiver: this file cannot be sent (removed, unreadable).
-    FileError { file: FileId, message: String },
+    /// Sender → receiver: `transfer` cannot be served (file removed, unreadable, bad request).
+    Refused {
+        transfer: TransferId,
+        file: FileId,
+        message: String,
+    },
 }
 
 /// Everything that can go wrong receiving one file.
@@ -121,24 +183,22 @@ pub enum PeerMsg {
 pub enum TransferError {
     #[error("frame too short ({0} bytes)")]
     ShortFrame(usize),
-    #[error("frame for byte {offset}..{end} is beyond the file's {size} bytes")]
+    #[error("bytes {offset}..{end} are beyond the file's {size} bytes")]
     OutOfBounds { offset: u64, end: u64, size: u64 },
-    #[error("frame for byte {offset}..{end} overlaps data already received")]
+    #[error("bytes {offset}..{end} overlap data already received")]
     Overlap { offset: u64, end: u64 },
-    #[error("incomplete: {received} of {size} bytes arrived")]
+    #[error("bytes {offset}..{end} span two blocks")]
+    SpansBlocks { offset: u64, end: u64 },
+    #[error("byte range {start}..{end} is not whole blocks of the file")]
+    BadRange { start: u64, end: u64 },
+    #[error("incomplete: {received} of {size} bytes verified")]
     Incomplete { received: u64, size: u64 },
     #[error("size mismatch: sender says {announced} bytes, the file list said {expected}")]
     SizeMismatch { announced: u64, expected: u64 },
-    #[error("integrity: SHA-256 of the received bytes does not match the sender's")]
+    #[error("integrity: the file's BLAKE3 hash does not match the sender's")]
     Integrity,
     #[error("storage: {0}")]
-    Sink(String),
-}
-
-/// Hex SHA-256 of a byte slice in one shot (tests and small inputs).
-pub fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
+    Storage(String),
 }
 
 #[cfg(test)]
@@ -148,6 +208,7 @@ mod tests {
 
     #[test]
     fn peer_messages_golden_json() {
+        let hash = blocks::file_hash(b"");
         let msg = PeerMsg::Manifest {
             files: vec![FileMeta {
                 id: FileId(7),
@@ -155,43 +216,85 @@ mod tests {
                 path: "dir/a.txt".into(),
                 size: 3,
                 mime: "text/plain".into(),
-                sha256: None,
+                modified: 1_700_000_000_000,
+                hash: None,
             }],
         };
         assert_eq!(
             serde_json::to_value(&msg).unwrap(),
             json!({"type": "manifest", "files": [{"id": 7, "name": "a.txt", "path": "dir/a.txt",
-                   "size": 3, "mime": "text/plain"}]})
+                   "size": 3, "mime": "text/plain", "modified": 1_700_000_000_000u64}]})
         );
-        let end = PeerMsg::FileEnd {
-            file: FileId(1),
-            size: 0,
-            sha256: sha256_hex(b""),
-        };
-        let text = serde_json::to_string(&end).unwrap();
-        assert_eq!(serde_json::from_str::<PeerMsg>(&text).unwrap(), end);
         assert_eq!(
-            serde_json::to_value(PeerMsg::Request { file: FileId(2) }).unwrap(),
-            json!({"type": "request", "file": 2})
+            serde_json::to_value(PeerMsg::Request {
+                transfer: TransferId(4),
+                file: FileId(2),
+                ranges: vec![(0, 1 << 20), (3 << 20, 3_500_000)],
+            })
+            .unwrap(),
+            json!({"type": "request", "transfer": 4, "file": 2,
+                   "ranges": [[0, 1048576], [3145728, 3500000]]})
         );
+        assert_eq!(
+            serde_json::to_value(PeerMsg::Block {
+                transfer: TransferId(4),
+                index: 9,
+                hash,
+            })
+            .unwrap(),
+            json!({"type": "block", "transfer": 4, "index": 9, "hash": hash.to_string()})
+        );
+        for msg in [
+            PeerMsg::End {
+                transfer: TransferId(1),
+                file: FileId(1),
+                size: 0,
+                hash,
+            },
+            PeerMsg::Cancel {
+                transfer: TransferId(3),
+            },
+            PeerMsg::Ack {
+                transfer: TransferId(3),
+                stored: 1 << 20,
+            },
+            PeerMsg::Refused {
+                transfer: TransferId(3),
+                file: FileId(0),
+                message: "no longer shared".into(),
+            },
+        ] {
+            let text = serde_json::to_string(&msg).unwrap();
+            assert_eq!(serde_json::from_str::<PeerMsg>(&text).unwrap(), msg);
+        }
+        // A manifest from an older sender (no modified time, no hash) still reads.
+        let old: PeerMsg = serde_json::from_value(
+            json!({"type": "manifest", "files": [{"id": 1, "name": "x", "size": 1}]}),
+        )
+        .unwrap();
+        assert!(matches!(old, PeerMsg::Manifest { files } if files[0].modified == 0));
     }
 
     #[test]
     fn query_overrides_apply_and_keep_marks_ordered() {
-        let fc = FlowControl::DEFAULT.with_query("?chunk=16384&high=1000&low=5000&x=1&block=bad");
+        let fc = FlowControl::DEFAULT.with_query("?chunk=16384&high=1000&low=5000&x=1&window=bad");
         assert_eq!(fc.chunk_size, 16384);
         assert_eq!(fc.high_water, 1000);
         assert_eq!(fc.low_water, 1000);
-        assert_eq!(fc.read_block, FlowControl::DEFAULT.read_block);
+        assert_eq!(fc.window, FlowControl::DEFAULT.window);
         assert_eq!(FlowControl::DEFAULT.with_query(""), FlowControl::DEFAULT);
         assert_eq!(
             FlowControl::DEFAULT.with_query("chunk=0"),
             FlowControl::DEFAULT
         );
+        assert_eq!(
+            FlowControl::DEFAULT.with_query("window=5").window,
+            blocks::BLOCK_SIZE
+        );
     }
 
     #[test]
-    fn chunk_is_fitted_to_max_message_size() {
+    fn chunk_is_fitted_to_max_message_size_and_to_a_block() {
         let fc = FlowControl::DEFAULT.fitted_to(Some(16 * 1024));
         assert_eq!(fc.chunk_size, 16 * 1024 - frame::HEADER_LEN);
         assert_eq!(FlowControl::DEFAULT.fitted_to(None), FlowControl::DEFAULT);
@@ -199,5 +302,10 @@ mod tests {
             FlowControl::DEFAULT.fitted_to(Some(1 << 30)).chunk_size,
             FlowControl::DEFAULT.chunk_size
         );
+        let huge = FlowControl {
+            chunk_size: 8 << 20,
+            ..FlowControl::DEFAULT
+        };
+        assert_eq!(huge.fitted_to(None).chunk_size, blocks::BLOCK_SIZE as usize);
     }
 }
