@@ -8,6 +8,8 @@
 //!   what is still missing (after a break, a reload, or a bad block).
 //! - [`outgoing`]: the sender's queue of requests, cancellation and flow window per receiver.
 //! - [`record`]: the receiver's on-disk record of verified blocks, so a partial file survives.
+//! - [`sink`]: the receiver's storage side (a Worker writing to OPFS, or memory), fed frames and
+//!   block hashes by the page, answering with verified progress.
 //! - [`paths`]: relative paths from a sender made safe to write under a chosen folder.
 
 pub mod blocks;
@@ -18,6 +20,7 @@ pub mod paths;
 pub mod progress;
 pub mod ranges;
 pub mod record;
+pub mod sink;
 
 use blocks::BlockHash;
 use serde::{Deserialize, Serialize};
