@@ -8,6 +8,7 @@ pub mod protocol;
 pub mod reconnect;
 pub mod seal;
 pub mod transfer;
+pub mod view;
 
 #[cfg(feature = "hydrate")]
 pub mod client;

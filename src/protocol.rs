@@ -2,7 +2,7 @@
 //! client. Messages are JSON text frames, internally tagged by `type` so they read well in devtools.
 //!
 //! The server never looks inside a [`ClientMsg::Signal`] payload: it is an opaque string (SDP and ICE
-//! today, ciphertext once signaling is sealed) relayed between peer ids.
+//! sealed with the share key, so ciphertext to the server) relayed between peer ids.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -227,10 +227,21 @@ pub enum ErrorCode {
 }
 
 /// What two browsers exchange inside [`ClientMsg::Signal`] / [`ServerMsg::Signal`] payloads.
-/// The server never parses it.
+/// The server never parses it (it is sealed with the share key, see `seal.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum SignalPayload {
+    /// Receiver → sender, after [`ServerMsg::Joined`] and again after a broken connection:
+    /// "connect to me". Only a holder of the link's `#secret` can seal one, so the sender sets up
+    /// a connection for nobody else. `attempt` grows with each one a page sends.
+    Hello {
+        attempt: u32,
+    },
+    /// Sender → receiver: a payload from you did not open (altered on the way, or sealed with
+    /// another key). Sealed with the right key, so a receiver holding a wrong secret cannot
+    /// open this either, and says the link is damaged; one holding the right one learns that
+    /// something between the two pages altered its message.
+    Rejected,
     Offer {
         sdp: String,
     },
@@ -475,6 +486,14 @@ mod tests {
         assert_eq!(
             serde_json::to_value(SignalPayload::Offer { sdp: "v=0".into() }).unwrap(),
             json!({"type": "offer", "sdp": "v=0"})
+        );
+        assert_eq!(
+            serde_json::to_value(SignalPayload::Hello { attempt: 2 }).unwrap(),
+            json!({"type": "hello", "attempt": 2})
+        );
+        assert_eq!(
+            serde_json::to_value(SignalPayload::Rejected).unwrap(),
+            json!({"type": "rejected"})
         );
     }
 

@@ -30,10 +30,13 @@ pub struct Backpressure {
 }
 
 impl Channel {
+    /// `on_binary`, when given, takes every binary message right in the channel's listener (no
+    /// hop through the event stream: the receiver's per-frame path); otherwise they are events.
     pub fn new(
         dc: RtcDataChannel,
         low_water: u32,
         high_water: u32,
+        on_binary: Option<Box<dyn Fn(&js_sys::ArrayBuffer)>>,
     ) -> (Self, UnboundedReceiver<ChannelEvent>, Backpressure) {
         dc.set_binary_type(RtcDataChannelType::Arraybuffer);
         dc.set_buffered_amount_low_threshold(low_water);
@@ -54,6 +57,10 @@ impl Channel {
                 let event = if let Some(text) = data.as_string() {
                     ChannelEvent::Text(text)
                 } else if let Ok(buf) = data.dyn_into::<js_sys::ArrayBuffer>() {
+                    if let Some(on_binary) = &on_binary {
+                        on_binary(&buf);
+                        return;
+                    }
                     ChannelEvent::Binary(buf)
                 } else {
                     return;

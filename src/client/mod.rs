@@ -3,13 +3,15 @@
 //! events at once (gloo `EventListener`s, released on drop); the logic is async Rust.
 
 pub mod channel;
-pub mod disk;
+pub mod opfs;
 pub mod picker;
 pub mod receiver;
 pub mod rtc;
 pub mod save;
 pub mod sender;
 pub mod signaling;
+pub mod sink;
+pub mod worker;
 
 use crate::seal::SealError;
 use crate::transfer::TransferError;

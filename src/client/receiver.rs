@@ -1,32 +1,45 @@
-//! The receiver's session: join the share, answer the sender's offer, show the live file list,
-//! and for each requested file reassemble frames by offset, verify size and SHA-256, then save.
+//! The receiver's session: join the share, prove the link's secret to the sender (a sealed
+//! `hello`), answer its offer, show the live file list, and for each requested file ask for the
+//! byte ranges still missing and hand every frame to the storage sink, which checks each block.
 //!
-//! Once its data channel is open the receiver needs nothing from the server: if the signaling
-//! socket drops then, it is left closed. Before that, it is reopened and the share joined again;
-//! the sender may be reconnecting too (a restarting node drops both), so a share that is missing
-//! just after a reconnect is asked for again a few times before the page gives up.
+//! Downloads are keyed by their resume key (share, path, name, size, modification time), not by
+//! the sender's file id, so they survive everything between the two pages:
+//! - the connection breaks (ICE fails, the sender's tab sleeps, the network changes): the page
+//!   says "paused — reconnecting", tries an ICE restart while the connection object lives, then
+//!   says hello again (a new connection) with a bounded backoff, and asks only for what is missing;
+//! - this page reloads: partial files are in OPFS with a record of their verified blocks, and a
+//!   download found there resumes by itself once the sender's list shows the file;
+//! - the sender's page reloads: it takes its share back, the page here joins it again, and
+//!   resumes when the same file (path, name, size, time) is offered again; if its bytes turn out
+//!   to differ, the file's root hash says so and it is fetched whole.
+//!
+//! Once connected the receiver needs the server only to reconnect: the signaling socket keeps
+//! reopening in the background.
 
 use super::channel::{send_msg, Channel, ChannelEvent};
-use super::disk::{DiskSink, DISK_THRESHOLD};
-use super::rtc::{LinkEvent, Outbox, RtcLink};
-use super::save::{save, save_blob};
+use super::rtc::{open_payload, LinkEvent, Outbox, RtcLink};
+use super::save::{pick_directory, save_to_folder, save_zip};
 use super::signaling::{self, Event, Signaling};
-use super::{now_ms, random_hex, window, ClientError};
-use crate::components::receive::{Phase, ReceiverUi};
-use crate::components::{FileRow, FileStatus};
-use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
+use super::sink::{has_record, SinkHandle};
+use super::{now_ms, window, ClientError};
+use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload};
+use crate::reconnect::Backoff;
 use crate::seal::{SealError, ShareKey};
+use crate::transfer::paths::{safe_name, safe_path};
 use crate::transfer::progress::Meter;
-use crate::transfer::reassembly::{verify_digest, Coverage, MemorySink, Reassembly};
-use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg, TransferError};
+use crate::transfer::record::resume_key;
+use crate::transfer::sink::{SinkCmd, SinkEvent};
+use crate::transfer::{ByteRange, FileMeta, FlowControl, PeerMsg, TransferId};
+use crate::view::{FileRow, FileStatus, PauseWhy, Phase, ReceiverUi};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
 use leptos::prelude::*;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::{Rc, Weak};
-use wasm_bindgen_futures::spawn_local;
-use web_sys::RtcPeerConnectionState;
+use wasm_bindgen::JsCast;
+use wasm_bindgen_futures::{spawn_local, JsFuture};
+use web_sys::{FileSystemDirectoryHandle, RtcPeerConnectionState};
 
 /// Progress is pushed to the page at most this often (ms) while bytes stream in.
 const PROGRESS_EVERY_MS: f64 = 100.0;
@@ -43,45 +56,58 @@ const REJOIN_TRIES: u32 = 12;
 /// under a new peer id (its old one can no longer signal), this reaches the new one.
 const STALLED_JOIN_MS: u32 = 10_000;
 
-/// Where a file's bytes go while it arrives.
-enum Store {
-    /// Small files: a buffer in WASM memory.
-    Memory(Reassembly<MemorySink>),
-    /// Large files: OPFS, written straight from the message's memory.
-    Disk { coverage: Coverage, sink: DiskSink },
-}
+/// After a broken connection: attempts to reach the sender again, 500 ms doubling to 5 s,
+/// jittered, for about three minutes (a sender's page reloading, a laptop waking up).
+const RECONNECT: Backoff = Backoff {
+    initial_ms: 500,
+    max_ms: 5_000,
+    max_attempts: 40,
+};
 
-impl Store {
-    fn received(&self) -> u64 {
-        match self {
-            Store::Memory(r) => r.received(),
-            Store::Disk { coverage, .. } => coverage.received(),
-        }
-    }
+/// A hello waits this long (ms) for its connection before another replaces it.
+const HELLO_PATIENCE_MS: f64 = 8_000.0;
 
-    fn is_complete(&self) -> bool {
-        match self {
-            Store::Memory(r) => r.is_complete(),
-            Store::Disk { coverage, .. } => coverage.is_complete(),
-        }
-    }
+/// A connection `disconnected` this long (ms) gets an ICE restart.
+const DISCONNECTED_GRACE_MS: u32 = 3_000;
 
-    fn write(&mut self, offset: u64, payload: &js_sys::Uint8Array) -> Result<(), ClientError> {
-        match self {
-            Store::Memory(r) => Ok(r.write(offset, &payload.to_vec())?),
-            Store::Disk { coverage, sink } => {
-                coverage.accept(offset, payload.length() as u64)?;
-                sink.write_at(offset, payload)
-            }
-        }
-    }
-}
-
+/// One file this page is fetching (or has paused).
 struct Download {
     row: FileRow,
-    store: Store,
+    /// The file as the sender's list last described it (its id may change when the sender's
+    /// page reloads).
+    meta: FileMeta,
+    /// Still present in the sender's list.
+    offered: bool,
+    /// The sink has the file open and said what is missing.
+    opened: bool,
+    missing: Vec<ByteRange>,
+    verified: u64,
+    /// Requests sent and not ended.
+    outstanding: HashSet<TransferId>,
     meter: Meter,
     last_progress: f64,
+}
+
+/// Where "Download all" puts a share that has folders.
+enum Target {
+    /// Into the folder the person chose, keeping the sender's tree.
+    Folder(FileSystemDirectoryHandle),
+    /// As one ZIP of that name (no folder picker in this browser).
+    Zip(String),
+}
+
+/// The files of one "Download all" with folders, until every one is saved.
+struct Batch {
+    target: Target,
+    pending: HashSet<String>,
+    /// Finished, waiting to go into the ZIP.
+    done: Vec<(String, FileRow)>,
+}
+
+enum SinkState {
+    None,
+    Starting,
+    Ready(Rc<SinkHandle>),
 }
 
 struct State {
@@ -94,7 +120,14 @@ struct State {
     sender: Option<PeerId>,
     link: Option<Rc<RtcLink>>,
     channel: Option<Channel>,
-    downloads: HashMap<FileId, Download>,
+    sink: SinkState,
+    /// The sink every channel's binary listener hands frames to, once it exists.
+    frames_to: Rc<RefCell<Option<Rc<SinkHandle>>>>,
+    /// By resume key.
+    downloads: HashMap<String, Download>,
+    /// Requests in flight → the download's key.
+    transfers: HashMap<TransferId, String>,
+    next_transfer: u32,
     /// Whether the share was joined once (so a later "no such share" may be a sender on its way
     /// back), and how many more joins such a refusal is worth.
     joined_before: bool,
@@ -103,22 +136,20 @@ struct State {
     rejoin_pending: bool,
     /// Bumped on every join answer, so only the latest stall check acts.
     join_generation: u32,
+    /// Hellos sent by this page, and when the last one was.
+    hello_attempt: u32,
+    hello_at: f64,
+    /// Reconnect attempts since the connection broke; bumped per pause so old loops stop.
+    reconnect_attempt: u32,
+    pause_generation: u32,
+    /// The first manifest has been checked for downloads to resume.
+    resume_checked: bool,
+    /// The server said the sender's socket closed (its tab closed or reloaded).
+    sender_left: bool,
+    batch: Option<Batch>,
 }
 
 impl State {
-    fn row(&self, id: FileId) -> Option<FileRow> {
-        self.ui
-            .files
-            .with_untracked(|rows| rows.iter().find(|r| r.id() == id).cloned())
-    }
-
-    /// Every transfer in flight fails with `why`.
-    fn fail_all(&mut self, why: &str) {
-        for (_, d) in self.downloads.drain() {
-            d.row.status.set(FileStatus::Failed(why.to_owned()));
-        }
-    }
-
     /// Joins the share (again) on the current connection, unless connected to the sender.
     fn join(&self) {
         if self.channel.is_some() {
@@ -131,24 +162,118 @@ impl State {
         }
     }
 
+    /// Asks the sender (sealed, so only a holder of the link's secret can) to connect to us.
+    fn hello(&mut self) {
+        let (Some(signaling), Some(me), Some(sender)) =
+            (self.signaling.clone(), self.me, self.sender)
+        else {
+            return;
+        };
+        self.hello_attempt += 1;
+        self.hello_at = now_ms();
+        let outbox = Outbox {
+            signaling,
+            key: self.key.clone(),
+            me,
+            remote: sender,
+        };
+        outbox.send(&SignalPayload::Hello {
+            attempt: self.hello_attempt,
+        });
+    }
+
     /// Not connected to the sender yet, and not given up on it either.
     fn still_joining(&self) -> bool {
         self.channel.is_none() && self.ui.phase.get_untracked().needs_server()
     }
 
-    /// Forgets a connection attempt to a sender that can no longer be signaled (its offer or our
-    /// answer went to a peer id that is gone); nothing was transferring yet.
+    /// Forgets a connection attempt to a sender that can no longer be signaled.
     fn forget_attempt(&mut self) {
         self.link = None;
         self.sender = None;
     }
 
-    fn lost_sender(&mut self, phase: Phase) {
-        self.fail_all("the sender went away");
-        self.channel = None;
-        self.link = None;
-        self.sender = None;
-        self.ui.phase.set(phase);
+    fn sink(&self) -> Option<Rc<SinkHandle>> {
+        match &self.sink {
+            SinkState::Ready(sink) => Some(sink.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every request in flight is dead (its connection is gone): the sink drops their frames.
+    fn forget_transfers(&mut self) {
+        let sink = self.sink();
+        for (transfer, _) in self.transfers.drain() {
+            if let Some(sink) = &sink {
+                sink.command(SinkCmd::Forget { transfer });
+            }
+        }
+        for d in self.downloads.values_mut() {
+            d.outstanding.clear();
+            d.opened = false;
+        }
+    }
+
+    /// Asks the sender for `ranges` of download `key` under a new transfer id.
+    fn send_request(&mut self, key: &str, ranges: Vec<ByteRange>) {
+        let (Some(channel), Some(sink)) = (self.channel.as_ref(), self.sink()) else {
+            return;
+        };
+        let Some(d) = self.downloads.get_mut(key) else {
+            return;
+        };
+        if !d.offered {
+            return;
+        }
+        let transfer = TransferId(self.next_transfer);
+        self.next_transfer = self.next_transfer.wrapping_add(1);
+        sink.command(SinkCmd::Begin {
+            key: key.to_owned(),
+            transfer,
+        });
+        let request = PeerMsg::Request {
+            transfer,
+            file: d.meta.id,
+            ranges,
+        };
+        match send_msg(&channel.dc, &request) {
+            Ok(()) => {
+                d.outstanding.insert(transfer);
+                self.transfers.insert(transfer, key.to_owned());
+            }
+            Err(e) => leptos::logging::warn!("request not sent: {e}"),
+        }
+    }
+
+    /// Opens (or re-opens, after a break) every download in the sink; each asks for what it
+    /// misses once the sink answers.
+    fn open_downloads(&mut self) {
+        let Some(sink) = self.sink() else { return };
+        let share = self.share.to_string();
+        for (key, d) in &self.downloads {
+            if d.offered && !d.opened {
+                sink.command(SinkCmd::Open {
+                    share: share.clone(),
+                    key: key.clone(),
+                    name: d.meta.name.clone(),
+                    size: d.meta.size,
+                });
+            }
+        }
+    }
+
+    fn finish_download(&mut self, key: &str) -> Option<Download> {
+        let d = self.downloads.remove(key)?;
+        for t in &d.outstanding {
+            self.transfers.remove(t);
+        }
+        Some(d)
+    }
+
+    fn progress(&mut self, key: &str) {
+        if let Some(d) = self.downloads.get_mut(key) {
+            d.row.progress.set(d.meter.update(now_ms(), d.verified));
+        }
     }
 }
 
@@ -187,80 +312,299 @@ impl ReceiverSession {
             sender: None,
             link: None,
             channel: None,
+            sink: SinkState::None,
+            frames_to: Rc::default(),
             downloads: HashMap::new(),
+            transfers: HashMap::new(),
+            next_transfer: 1,
             joined_before: false,
             rejoins_left: REJOIN_TRIES,
             rejoin_pending: false,
             join_generation: 0,
+            hello_attempt: 0,
+            hello_at: f64::NEG_INFINITY,
+            reconnect_attempt: 0,
+            pause_generation: 0,
+            resume_checked: false,
+            sender_left: false,
+            batch: None,
         }));
         spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
         Self { state: Some(state) }
     }
 
-    /// Asks the sender for one file (large files get a disk sink first).
-    pub fn request(&self, file: FileId) {
+    /// Starts (or resumes) downloading one file of the list.
+    pub fn request(&self, file: crate::transfer::FileId) {
         let Some(state) = &self.state else { return };
-        let Some(row) = state.borrow().row(file) else {
-            return;
-        };
-        let size = row.meta.size;
-        row.status.set(FileStatus::Requested);
-        if size < DISK_THRESHOLD {
-            let store =
-                MemorySink::new(size).map(|sink| Store::Memory(Reassembly::new(size, sink)));
-            match store {
-                Ok(store) => begin(state, row, store),
-                Err(e) => row.status.set(FileStatus::Failed(e.to_string())),
+        let row = state
+            .borrow()
+            .ui
+            .files
+            .with_untracked(|rows| rows.iter().find(|r| r.id() == file).cloned());
+        if let Some(row) = row {
+            start_download(state, row);
+        }
+    }
+
+    /// "Download all": every file not downloaded yet. A share with folders goes into a folder
+    /// the person picks (where the browser has a folder picker; it must be asked during the
+    /// click, so call this from one) or else into one ZIP; loose files download one by one.
+    pub fn download_all(&self) {
+        let Some(state) = &self.state else { return };
+        let rows: Vec<FileRow> = state.borrow().ui.files.with_untracked(|rows| {
+            rows.iter()
+                .filter(|r| {
+                    matches!(
+                        r.status.get_untracked(),
+                        FileStatus::Ready | FileStatus::Failed(_)
+                    )
+                })
+                .cloned()
+                .collect()
+        });
+        let folders = rows
+            .iter()
+            .any(|r| safe_path(&r.meta.path, &r.meta.name).len() > 1);
+        if !folders {
+            for row in rows {
+                start_download(state, row);
             }
             return;
         }
-        let state = Rc::downgrade(state);
-        spawn_local(async move {
-            let name = format!("beamdrop-{}-{file}", random_hex(8).unwrap_or_default());
-            let store = match DiskSink::create(&name).await {
-                Ok(sink) => Ok(Store::Disk {
-                    coverage: Coverage::new(size),
-                    sink,
-                }),
-                Err(e) => {
-                    // No OPFS here (private mode, old browser): fall back to memory.
-                    leptos::logging::warn!("disk storage unavailable ({e}); receiving in memory");
-                    MemorySink::new(size).map(|sink| Store::Memory(Reassembly::new(size, sink)))
-                }
-            };
-            let Some(state) = state.upgrade() else { return };
-            match store {
-                Ok(store) => begin(&state, row, store),
-                Err(e) => row.status.set(FileStatus::Failed(e.to_string())),
+        match pick_directory() {
+            Some(picked) => {
+                let weak = Rc::downgrade(state);
+                spawn_local(async move {
+                    // Cancelled: nothing to do.
+                    let Ok(dir) = JsFuture::from(picked).await else {
+                        return;
+                    };
+                    let (Some(state), Ok(dir)) = (weak.upgrade(), dir.dyn_into()) else {
+                        return;
+                    };
+                    start_batch(&state, Target::Folder(dir), rows);
+                });
             }
-        });
+            None => start_batch(state, Target::Zip(zip_name(&rows)), rows),
+        }
+    }
+
+    /// Stops downloading a file. What arrived stays on disk: downloading it later resumes.
+    pub fn cancel(&self, file: crate::transfer::FileId) {
+        let Some(state) = &self.state else { return };
+        let mut s = state.borrow_mut();
+        let share = s.share.to_string();
+        let Some(key) = s.ui.files.with_untracked(|rows| {
+            rows.iter()
+                .find(|r| r.id() == file)
+                .map(|r| resume_key(&share, &r.meta))
+        }) else {
+            return;
+        };
+        let Some(d) = s.finish_download(&key) else {
+            return;
+        };
+        let sink = s.sink();
+        for transfer in d.outstanding {
+            if let Some(channel) = &s.channel {
+                let _ = send_msg(&channel.dc, &PeerMsg::Cancel { transfer });
+            }
+            if let Some(sink) = &sink {
+                sink.command(SinkCmd::Forget { transfer });
+            }
+        }
+        if let Some(sink) = &sink {
+            sink.command(SinkCmd::Close { key });
+        }
+        d.row.status.set(FileStatus::Ready);
+    }
+
+    /// After giving up on the sender: try again (downloads carry on where they stopped).
+    pub fn retry(&self) {
+        let Some(state) = &self.state else { return };
+        let mut s = state.borrow_mut();
+        s.ui.error.set(None);
+        s.rejoins_left = REJOIN_TRIES;
+        pause(&mut s, state);
     }
 }
 
-/// Sends the request once the file has somewhere to go.
-fn begin(state: &Rc<RefCell<State>>, row: FileRow, store: Store) {
-    let mut s = state.borrow_mut();
-    let file = row.id();
-    let Some(dc) = s.channel.as_ref().map(|c| c.dc.clone()) else {
-        row.status
-            .set(FileStatus::Failed("not connected to the sender".into()));
-        return;
+/// The ZIP's name: the share's one top folder, if it has one.
+fn zip_name(rows: &[FileRow]) -> String {
+    let tops: HashSet<String> = rows
+        .iter()
+        .map(|r| safe_path(&r.meta.path, &r.meta.name))
+        .filter(|p| p.len() > 1)
+        .map(|p| p[0].clone())
+        .collect();
+    match (tops.len(), tops.into_iter().next()) {
+        (1, Some(top)) => format!("{top}.zip"),
+        _ => "beamdrop.zip".into(),
+    }
+}
+
+fn start_batch(state: &Rc<RefCell<State>>, target: Target, rows: Vec<FileRow>) {
+    {
+        let mut s = state.borrow_mut();
+        let share = s.share.to_string();
+        let keys = rows.iter().map(|r| resume_key(&share, &r.meta));
+        match &mut s.batch {
+            Some(batch) => batch.pending.extend(keys),
+            None => {
+                s.batch = Some(Batch {
+                    target,
+                    pending: keys.collect(),
+                    done: Vec::new(),
+                })
+            }
+        }
+    }
+    for row in rows {
+        start_download(state, row);
+    }
+}
+
+/// A file of a batch is finished (`Some`) or failed (`None`): save it into the folder, or keep it
+/// for the ZIP, which is made and saved once the batch's last file is in.
+async fn batch_done(
+    state: &Rc<RefCell<State>>,
+    sink: Rc<SinkHandle>,
+    key: String,
+    row: Option<FileRow>,
+) {
+    let share = state.borrow().share.to_string();
+    let (folder, zip) = {
+        let mut s = state.borrow_mut();
+        let Some(batch) = s.batch.as_mut() else {
+            return;
+        };
+        batch.pending.remove(&key);
+        let folder = match &batch.target {
+            Target::Folder(dir) => Some(dir.clone()),
+            Target::Zip(_) => None,
+        };
+        if folder.is_none() {
+            if let Some(row) = &row {
+                batch.done.push((key.clone(), row.clone()));
+            }
+        }
+        let zip = match (&batch.target, batch.pending.is_empty()) {
+            (Target::Zip(name), true) => Some((name.clone(), std::mem::take(&mut batch.done))),
+            _ => None,
+        };
+        if batch.pending.is_empty() {
+            s.batch = None;
+        }
+        (folder, zip)
     };
-    if let Err(e) = send_msg(&dc, &PeerMsg::Request { file }) {
-        row.status.set(FileStatus::Failed(e.to_string()));
+    if let (Some(dir), Some(row)) = (folder, row) {
+        let saved = match sink.file(&share, &key).await {
+            Ok(blob) => {
+                save_to_folder(&dir, &safe_path(&row.meta.path, &row.meta.name), &blob).await
+            }
+            Err(e) => Err(e),
+        };
+        row.status.set(match saved {
+            Ok(()) => FileStatus::Verified,
+            Err(e) => FileStatus::Failed(format!("could not save: {e}")),
+        });
+        sink.release(&share, &key).await;
+    }
+    if let Some((name, done)) = zip {
+        let mut files = Vec::new();
+        for (key, row) in &done {
+            match sink.file(&share, key).await {
+                Ok(blob) => files.push((row.meta.clone(), blob)),
+                Err(e) => row
+                    .status
+                    .set(FileStatus::Failed(format!("could not save: {e}"))),
+            }
+        }
+        let saved = save_zip(&name, &files).await;
+        for (key, row) in &done {
+            if row.status.get_untracked() == FileStatus::Verifying {
+                row.status.set(match &saved {
+                    Ok(()) => FileStatus::Verified,
+                    Err(e) => FileStatus::Failed(format!("could not save the ZIP: {e}")),
+                });
+            }
+            sink.release(&share, key).await;
+        }
+    }
+}
+
+/// Adds a download for `row` (unless it is running) and opens it in the sink.
+fn start_download(state: &Rc<RefCell<State>>, row: FileRow) {
+    let mut s = state.borrow_mut();
+    let key = resume_key(s.share.as_str(), &row.meta);
+    if s.downloads.contains_key(&key) {
         return;
     }
+    if let Some(limit) = s.sink().and_then(|sink| sink.memory_limit()) {
+        if row.meta.size > limit {
+            row.status.set(FileStatus::Failed(format!(
+                "too large to receive here: this browser gives no disk storage to the page, and \
+                 files over {} MiB are refused in memory",
+                limit >> 20
+            )));
+            return;
+        }
+    }
+    // "Resuming at N %" once the sink has said how much is already there.
+    row.status.set(FileStatus::Requested);
     let mut meter = Meter::new(row.meta.size);
     row.progress.set(meter.update(now_ms(), 0));
     s.downloads.insert(
-        file,
+        key,
         Download {
+            meta: row.meta.clone(),
             row,
-            store,
+            offered: true,
+            opened: false,
+            missing: Vec::new(),
+            verified: 0,
+            outstanding: HashSet::new(),
             meter,
             last_progress: 0.0,
         },
     );
+    match s.sink {
+        SinkState::Ready(_) => s.open_downloads(),
+        SinkState::Starting => {}
+        SinkState::None => {
+            s.sink = SinkState::Starting;
+            let weak = Rc::downgrade(state);
+            spawn_local(async move {
+                let (sink, events) = SinkHandle::start().await;
+                let Some(state) = weak.upgrade() else { return };
+                let sink = Rc::new(sink);
+                {
+                    let mut s = state.borrow_mut();
+                    *s.frames_to.borrow_mut() = Some(sink.clone());
+                    s.sink = SinkState::Ready(sink.clone());
+                    if let Some(limit) = sink.memory_limit() {
+                        let too_big: Vec<String> = s
+                            .downloads
+                            .iter()
+                            .filter(|(_, d)| d.meta.size > limit)
+                            .map(|(k, _)| k.clone())
+                            .collect();
+                        for key in too_big {
+                            if let Some(d) = s.finish_download(&key) {
+                                d.row.status.set(FileStatus::Failed(format!(
+                                    "too large to receive here: no disk storage for the page, \
+                                     and files over {} MiB are refused in memory",
+                                    limit >> 20
+                                )));
+                            }
+                        }
+                    }
+                    s.open_downloads();
+                }
+                run_sink(Rc::downgrade(&state), events).await;
+            });
+        }
+    }
 }
 
 impl Drop for ReceiverSession {
@@ -270,6 +614,141 @@ impl Drop for ReceiverSession {
             s.channel = None;
             s.link = None;
             s.signaling = None;
+            if let Some(sink) = s.sink() {
+                for key in s.downloads.keys() {
+                    sink.command(SinkCmd::Close { key: key.clone() });
+                }
+            }
+            *s.frames_to.borrow_mut() = None;
+            s.sink = SinkState::None;
+        }
+    }
+}
+
+/// What the storage sink reports.
+async fn run_sink(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<SinkEvent>) {
+    while let Some(event) = events.next().await {
+        let Some(state) = state.upgrade() else { return };
+        let mut s = state.borrow_mut();
+        match event {
+            SinkEvent::Opened {
+                key,
+                verified,
+                missing,
+            } => {
+                let connected = s.channel.is_some();
+                let Some(d) = s.downloads.get_mut(&key) else {
+                    continue;
+                };
+                // Opened while the connection was down: the reconnect opens it again.
+                d.opened = connected;
+                d.verified = verified;
+                d.missing = missing.clone();
+                if verified > 0 && !missing.is_empty() {
+                    let percent = (verified * 100 / d.meta.size.max(1)) as u32;
+                    d.row.status.set(FileStatus::Resuming(percent));
+                }
+                s.progress(&key);
+                if connected {
+                    s.send_request(&key, missing);
+                }
+            }
+            SinkEvent::Stored {
+                transfer,
+                key,
+                stored,
+                verified,
+            } => {
+                // A block of a request still running (not one the page gave up on in a pause).
+                let live = s.transfers.contains_key(&transfer);
+                if let (true, Some(channel)) = (live, &s.channel) {
+                    let _ = send_msg(&channel.dc, &PeerMsg::Ack { transfer, stored });
+                }
+                let Some(d) = s.downloads.get_mut(&key) else {
+                    continue;
+                };
+                d.verified = verified;
+                if live && !matches!(d.row.status.get_untracked(), FileStatus::Receiving) {
+                    d.row.status.set(FileStatus::Receiving);
+                }
+                let now = now_ms();
+                if now - d.last_progress >= PROGRESS_EVERY_MS || verified == d.meta.size {
+                    d.last_progress = now;
+                    d.row.progress.set(d.meter.update(now, verified));
+                }
+            }
+            SinkEvent::Bad { key, range, .. } => {
+                leptos::logging::warn!("a block of {key} did not match its hash; asking again");
+                s.send_request(&key, vec![range]);
+            }
+            SinkEvent::Incomplete { key, missing } => {
+                let idle = s
+                    .downloads
+                    .get_mut(&key)
+                    .map(|d| {
+                        d.missing = missing.clone();
+                        d.outstanding.is_empty()
+                    })
+                    .unwrap_or(false);
+                if idle {
+                    s.send_request(&key, missing);
+                }
+            }
+            SinkEvent::Changed { key } => {
+                let Some(d) = s.downloads.get_mut(&key) else {
+                    continue;
+                };
+                leptos::logging::warn!(
+                    "{}: the sender's file changed; fetching it whole",
+                    d.meta.name
+                );
+                d.verified = 0;
+                let whole = vec![(0, d.meta.size)];
+                let idle = d.outstanding.is_empty();
+                s.progress(&key);
+                if idle {
+                    s.send_request(&key, whole);
+                }
+            }
+            SinkEvent::Finished { key, .. } => {
+                let Some(d) = s.finish_download(&key) else {
+                    continue;
+                };
+                d.row.status.set(FileStatus::Verifying);
+                d.row
+                    .progress
+                    .set(Meter::new(d.meta.size).update(now_ms(), d.meta.size));
+                let (Some(sink), share) = (s.sink(), s.share.to_string()) else {
+                    continue;
+                };
+                let batched = s.batch.as_ref().is_some_and(|b| b.pending.contains(&key));
+                drop(s);
+                if batched {
+                    batch_done(&state, sink, key, Some(d.row)).await;
+                    continue;
+                }
+                let name = safe_name(&d.meta.name);
+                let status = match sink.save(&share, &key, &name).await {
+                    Ok(()) => FileStatus::Verified,
+                    Err(e) => FileStatus::Failed(format!("could not save: {e}")),
+                };
+                d.row.status.set(status);
+            }
+            SinkEvent::Failed { key, message } => {
+                if let Some(d) = s.finish_download(&key) {
+                    d.row.status.set(FileStatus::Failed(message));
+                }
+                let Some(sink) = s.sink() else { continue };
+                sink.command(SinkCmd::Discard {
+                    share: s.share.to_string(),
+                    key: key.clone(),
+                });
+                let batched = s.batch.as_ref().is_some_and(|b| b.pending.contains(&key));
+                drop(s);
+                if batched {
+                    batch_done(&state, sink, key, None).await;
+                }
+            }
         }
     }
 }
@@ -286,14 +765,13 @@ async fn run_signaling(state: Weak<RefCell<State>>, mut events: impl Stream<Item
                 if s.channel.is_some() || !s.ui.phase.get_untracked().needs_server() {
                     // An open data channel keeps working without the server; a page that has
                     // already failed (sender gone, bad link) keeps saying why.
-                    return;
+                    continue;
                 }
                 s.forget_attempt();
-                if retrying {
-                    s.ui.phase.set(Phase::Reconnecting);
-                } else {
+                if !retrying {
                     s.ui.phase.set(Phase::ServerLost(why));
-                    return;
+                } else if !s.ui.phase.get_untracked().is_paused() {
+                    s.ui.phase.set(Phase::Reconnecting);
                 }
             }
             Event::Msg(msg) => on_server_msg(&state, msg).await,
@@ -313,7 +791,9 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                     s.rejoins_left = REJOIN_TRIES;
                 }
                 s.join();
-                s.ui.phase.set(Phase::WaitingForSender);
+                if !s.ui.phase.get_untracked().is_paused() {
+                    s.ui.phase.set(Phase::WaitingForSender);
+                }
             }
         }
         ServerMsg::Joined { sender, .. } => {
@@ -328,12 +808,16 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                 s.forget_attempt();
             }
             s.sender = Some(sender);
+            s.sender_left = false;
             s.joined_before = true;
             // Still joining, so the only message up can be the one the page opened with: the
             // share was not available.
             s.ui.error.set(None);
             s.join_generation = s.join_generation.wrapping_add(1);
-            s.ui.phase.set(Phase::ConnectingPeer);
+            if !s.ui.phase.get_untracked().is_paused() {
+                s.ui.phase.set(Phase::ConnectingPeer);
+            }
+            s.hello();
             let (generation, weak) = (s.join_generation, Rc::downgrade(state));
             spawn_local(async move {
                 gloo_timers::future::TimeoutFuture::new(STALLED_JOIN_MS).await;
@@ -348,18 +832,27 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
             });
         }
         ServerMsg::Signal { from, payload } => {
-            if state.borrow().sender != Some(from) {
-                return;
-            }
-            let link = match ensure_link(state, from) {
-                Ok(link) => link,
-                Err(e) => {
-                    state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
+            let (key, me) = {
+                let s = state.borrow();
+                if s.sender != Some(from) {
                     return;
                 }
+                (s.key.clone(), s.me)
             };
-            match link.apply(&payload).await {
-                Ok(()) => {}
+            let Some(me) = me else { return };
+            let opened = match open_payload(&key, from, me, &payload) {
+                Ok(SignalPayload::Rejected) => {
+                    // Our key is right (we could open this), so something between the pages
+                    // altered what we sent.
+                    let mut s = state.borrow_mut();
+                    s.link = None;
+                    s.channel = None;
+                    s.ui.phase.set(Phase::Failed("bad link".into()));
+                    s.ui.error
+                        .set(Some(capitalized(&SealError::Rejected.to_string())));
+                    return;
+                }
+                Ok(payload) => payload,
                 Err(ClientError::Seal(_)) => {
                     // Altered in transit or sealed with another key: refuse the connection.
                     let mut s = state.borrow_mut();
@@ -369,19 +862,57 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                     s.ui.phase.set(Phase::Failed("bad link".into()));
                     s.ui.error
                         .set(Some(capitalized(&SealError::BadSecret.to_string())));
+                    return;
                 }
-                Err(e) => state.borrow().ui.phase.set(Phase::Failed(e.to_string())),
+                Err(e) => {
+                    leptos::logging::warn!("unreadable signal from the sender: {e}");
+                    return;
+                }
+            };
+            if matches!(opened, SignalPayload::Offer { .. }) && state.borrow().channel.is_none() {
+                // A fresh offer (the sender answering a hello) replaces any earlier attempt.
+                let stale = state
+                    .borrow()
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.has_remote_description());
+                if stale {
+                    state.borrow_mut().link = None;
+                }
+            }
+            let link = match ensure_link(state, from) {
+                Ok(link) => link,
+                Err(e) => {
+                    state.borrow().ui.phase.set(Phase::Failed(e.to_string()));
+                    return;
+                }
+            };
+            if let Err(e) = link.apply(opened).await {
+                leptos::logging::warn!("signal from the sender not applied: {e}");
             }
         }
         ServerMsg::PeerLeft { peer } => {
             let mut s = state.borrow_mut();
             if s.sender == Some(peer) {
-                s.lost_sender(Phase::SenderGone);
+                // Its socket closed: its page was closed or reloaded (a node going down does not
+                // say this; its peers' direct connections carry on). The direct connection dies
+                // with the page, often without a word on the channel: pause now, and find the
+                // sender again through the share if it comes back.
+                s.sender = None;
+                s.sender_left = true;
+                if s.ui.phase.get_untracked().is_paused() {
+                    s.ui.phase.set(Phase::Paused(PauseWhy::SenderLeft));
+                } else if s.channel.is_some() || !s.downloads.is_empty() {
+                    pause(&mut s, state);
+                }
             }
         }
         ServerMsg::Error { code, message } => {
             let mut s = state.borrow_mut();
+            let paused = s.ui.phase.get_untracked().is_paused();
             match code {
+                // While paused the reconnect loop keeps joining, within its own bounds.
+                ErrorCode::NoSuchShare if paused => {}
                 ErrorCode::NoSuchShare if s.rejoins_left > 0 && s.still_joining() => {
                     // Its sender is probably reconnecting: ask again shortly (once).
                     s.ui.phase.set(Phase::WaitingForSender);
@@ -397,11 +928,12 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                             .into(),
                     ));
                 }
-                // Our answer or candidates went to a sender id that is gone. Either the sender
-                // left (its `peer_left` follows) or its socket dropped and it comes back under a
-                // new id: a join shortly tells which (a new id answers with a fresh offer).
+                // Our hello, answer or candidates went to a sender id that is gone. Either the
+                // sender left (its `peer_left` follows) or its socket dropped and it comes back
+                // under a new id: a join shortly tells which.
                 ErrorCode::UnknownPeer if s.sender.is_some() && s.still_joining() => {
-                    if !s.rejoin_pending {
+                    s.sender = None;
+                    if !paused && !s.rejoin_pending {
                         s.rejoins_left = REJOIN_TRIES;
                         rejoin_later(&mut s, state);
                     }
@@ -433,6 +965,62 @@ fn rejoin_later(s: &mut State, state: &Rc<RefCell<State>>) {
     });
 }
 
+/// The connection to the sender broke: downloads pause (what they stored stays), and the page
+/// works its way back to the sender on its own.
+fn pause(s: &mut State, state: &Rc<RefCell<State>>) {
+    s.channel = None;
+    s.link = None;
+    s.forget_transfers();
+    for d in s.downloads.values() {
+        d.row.status.set(FileStatus::Paused);
+    }
+    s.ui.phase.set(Phase::Paused(if s.sender_left {
+        PauseWhy::SenderLeft
+    } else {
+        PauseWhy::ConnectionLost
+    }));
+    s.reconnect_attempt = 0;
+    s.pause_generation = s.pause_generation.wrapping_add(1);
+    s.hello_at = f64::NEG_INFINITY;
+    reconnect_step(s, state, s.pause_generation);
+}
+
+/// One reconnect attempt, then the next one after a backoff, until connected or out of tries.
+fn reconnect_step(s: &mut State, state: &Rc<RefCell<State>>, generation: u32) {
+    if s.pause_generation != generation || s.channel.is_some() {
+        return;
+    }
+    if !s.ui.phase.get_untracked().is_paused() {
+        return;
+    }
+    let Some(delay) = RECONNECT.delay_ms(s.reconnect_attempt, js_sys::Math::random()) else {
+        s.ui.phase.set(Phase::SenderGone);
+        s.ui.error.set(Some(
+            "Could not reach the sender again. What arrived is kept: try again when the sender \
+             is back."
+                .into(),
+        ));
+        return;
+    };
+    s.reconnect_attempt += 1;
+    let waiting_on_hello = now_ms() - s.hello_at < HELLO_PATIENCE_MS;
+    if s.signaling.is_some() && !waiting_on_hello {
+        if s.sender.is_some() {
+            s.hello();
+        } else {
+            s.join();
+        }
+    }
+    let weak = Rc::downgrade(state);
+    spawn_local(async move {
+        gloo_timers::future::TimeoutFuture::new(delay).await;
+        if let Some(state) = weak.upgrade() {
+            let mut s = state.borrow_mut();
+            reconnect_step(&mut s, &state, generation);
+        }
+    });
+}
+
 /// The connection to the sender, created on its first offer.
 fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>, ClientError> {
     if let Some(link) = state.borrow().link.clone() {
@@ -453,22 +1041,85 @@ fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>
     };
     let link = Rc::new(link);
     state.borrow_mut().link = Some(link.clone());
-    spawn_local(watch_link(Rc::downgrade(state), events));
+    spawn_local(watch_link(
+        Rc::downgrade(state),
+        Rc::downgrade(&link),
+        events,
+    ));
     Ok(link)
 }
 
-async fn watch_link(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<LinkEvent>) {
+async fn watch_link(
+    state: Weak<RefCell<State>>,
+    link: Weak<RtcLink>,
+    mut events: UnboundedReceiver<LinkEvent>,
+) {
+    let mut restarted = false;
     while let Some(event) = events.next().await {
-        let Some(state) = state.upgrade() else { return };
+        let (Some(state), Some(link)) = (state.upgrade(), link.upgrade()) else {
+            return;
+        };
+        let current = state
+            .borrow()
+            .link
+            .as_ref()
+            .is_some_and(|l| Rc::ptr_eq(l, &link));
+        if !current {
+            return;
+        }
         match event {
             LinkEvent::Channel(dc) => {
                 let flow = FlowControl::DEFAULT;
-                let (channel, events, _) = Channel::new(dc, flow.low_water, flow.high_water);
+                let frames_to = state.borrow().frames_to.clone();
+                let on_binary = move |buf: &js_sys::ArrayBuffer| {
+                    if let Some(sink) = frames_to.borrow().as_ref() {
+                        sink.frame(buf);
+                    }
+                };
+                let (channel, events, _) = Channel::new(
+                    dc,
+                    flow.low_water,
+                    flow.high_water,
+                    Some(Box::new(on_binary)),
+                );
                 state.borrow_mut().channel = Some(channel);
                 spawn_local(run_channel(Rc::downgrade(&state), events));
             }
+            LinkEvent::State(RtcPeerConnectionState::Connected) => restarted = false,
+            LinkEvent::State(RtcPeerConnectionState::Disconnected) => {
+                // Often back by itself within seconds; if not, restart ICE on this connection.
+                let weak_link = Rc::downgrade(&link);
+                spawn_local(async move {
+                    gloo_timers::future::TimeoutFuture::new(DISCONNECTED_GRACE_MS).await;
+                    if let Some(link) = weak_link.upgrade() {
+                        if link.state() == RtcPeerConnectionState::Disconnected {
+                            if let Err(e) = link.restart_ice().await {
+                                leptos::logging::warn!("ICE restart failed: {e}");
+                            }
+                        }
+                    }
+                });
+            }
             LinkEvent::State(RtcPeerConnectionState::Failed) => {
-                state.borrow_mut().lost_sender(Phase::Unreachable);
+                if !restarted && state.borrow().channel.is_some() {
+                    restarted = true;
+                    if link.restart_ice().await.is_ok() {
+                        continue;
+                    }
+                }
+                let mut s = state.borrow_mut();
+                if s.channel.is_some() || !s.downloads.is_empty() {
+                    pause(&mut s, &state);
+                } else {
+                    s.link = None;
+                    s.ui.phase.set(Phase::Unreachable);
+                }
+                return;
+            }
+            LinkEvent::State(RtcPeerConnectionState::Closed) => {
+                let mut s = state.borrow_mut();
+                pause(&mut s, &state);
+                return;
             }
             LinkEvent::State(_) => {}
         }
@@ -480,15 +1131,21 @@ async fn run_channel(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<
         let Some(state) = state.upgrade() else { return };
         let mut s = state.borrow_mut();
         match event {
-            ChannelEvent::Open => s.ui.phase.set(Phase::Connected),
+            ChannelEvent::Open => {
+                s.ui.phase.set(Phase::Connected);
+                s.ui.error.set(None);
+                s.reconnect_attempt = 0;
+                s.open_downloads();
+            }
             ChannelEvent::Text(text) => match serde_json::from_str::<PeerMsg>(&text) {
-                Ok(msg) => on_peer_msg(&mut s, msg),
+                Ok(msg) => on_peer_msg(&mut s, &state, msg),
                 Err(e) => leptos::logging::warn!("unreadable message from sender: {e}"),
             },
-            ChannelEvent::Binary(buf) => on_frame(&mut s, &buf),
+            // Frames go to the sink straight from the channel's listener.
+            ChannelEvent::Binary(_) => {}
             ChannelEvent::Closed => {
-                if s.sender.is_some() {
-                    s.lost_sender(Phase::SenderGone);
+                if s.ui.phase.get_untracked() == Phase::Connected {
+                    pause(&mut s, &state);
                 }
                 return;
             }
@@ -496,120 +1153,120 @@ async fn run_channel(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<
     }
 }
 
-fn on_peer_msg(s: &mut State, msg: PeerMsg) {
+fn on_peer_msg(s: &mut State, state: &Rc<RefCell<State>>, msg: PeerMsg) {
     match msg {
-        PeerMsg::Manifest { files } => update_list(s, files),
-        PeerMsg::FileEnd { file, size, sha256 } => {
-            let Some(mut d) = s.downloads.remove(&file) else {
-                return;
-            };
-            d.row.status.set(FileStatus::Verifying);
-            d.row
-                .progress
-                .set(d.meter.update(now_ms(), d.store.received()));
-            match d.store {
-                Store::Memory(r) => {
-                    let outcome =
-                        r.finish(size, &sha256)
-                            .map_err(ClientError::from)
-                            .and_then(|sink| {
-                                save(&d.row.meta.name, &d.row.meta.mime, &sink.into_bytes())
-                            });
-                    d.row.status.set(outcome_status(outcome));
-                }
-                Store::Disk { coverage, sink } => {
-                    if let Err(e) = coverage.check_complete(size) {
-                        d.row.status.set(outcome_status(Err(e.into())));
-                        return;
-                    }
-                    let row = d.row;
-                    spawn_local(async move {
-                        let outcome = match sink.finish().await {
-                            Ok((file, digest, stored)) => {
-                                let saved = verify_digest(digest, &sha256)
-                                    .map_err(ClientError::from)
-                                    .and_then(|()| save_blob(&row.meta.name, &file));
-                                stored.remove_later();
-                                saved
-                            }
-                            Err(e) => Err(e),
-                        };
-                        row.status.set(outcome_status(outcome));
+        PeerMsg::Manifest { files } => update_list(s, state, files),
+        PeerMsg::Block {
+            transfer,
+            index,
+            hash,
+        } => {
+            if s.transfers.contains_key(&transfer) {
+                if let Some(sink) = s.sink() {
+                    sink.command(SinkCmd::Expect {
+                        transfer,
+                        index,
+                        hash,
                     });
                 }
             }
         }
-        PeerMsg::FileError { file, message } => {
-            if let Some(d) = s.downloads.remove(&file) {
+        PeerMsg::End {
+            transfer,
+            size,
+            hash,
+            ..
+        } => {
+            let Some(key) = s.transfers.remove(&transfer) else {
+                return;
+            };
+            if let Some(d) = s.downloads.get_mut(&key) {
+                d.outstanding.remove(&transfer);
+            }
+            if let Some(sink) = s.sink() {
+                sink.command(SinkCmd::End {
+                    transfer,
+                    size,
+                    hash,
+                });
+            }
+        }
+        PeerMsg::Refused {
+            transfer, message, ..
+        } => {
+            let Some(key) = s.transfers.remove(&transfer) else {
+                return;
+            };
+            if let Some(sink) = s.sink() {
+                sink.command(SinkCmd::Forget { transfer });
+                sink.command(SinkCmd::Close { key: key.clone() });
+            }
+            if let Some(d) = s.finish_download(&key) {
                 d.row.status.set(FileStatus::Failed(message));
             }
         }
-        PeerMsg::Request { .. } => {}
+        PeerMsg::Request { .. } | PeerMsg::Cancel { .. } | PeerMsg::Ack { .. } => {}
     }
 }
 
 /// Replaces the list with the sender's, keeping rows (and their progress) for files still there.
-fn update_list(s: &mut State, files: Vec<FileMeta>) {
-    let old: HashMap<FileId, FileRow> =
-        s.ui.files
-            .with_untracked(|rows| rows.iter().map(|r| (r.id(), r.clone())).collect());
-    let rows: Vec<FileRow> = files
-        .into_iter()
-        .map(|meta| match old.get(&meta.id) {
-            Some(row) if row.meta.size == meta.size => row.clone(),
-            _ => FileRow::new(meta),
-        })
-        .collect();
-    s.downloads
-        .retain(|id, _| rows.iter().any(|r| r.id() == *id));
+/// Downloads follow their file by resume key; the first list also starts downloads an earlier
+/// visit left unfinished on disk.
+fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) {
+    let share = s.share.to_string();
+    let old: HashMap<String, FileRow> = s.ui.files.with_untracked(|rows| {
+        rows.iter()
+            .map(|r| (resume_key(&share, &r.meta), r.clone()))
+            .collect()
+    });
+    let mut rows = Vec::with_capacity(files.len());
+    let mut offered = HashSet::new();
+    for meta in files {
+        let key = resume_key(&share, &meta);
+        let row = match old.get(&key) {
+            Some(row) if row.meta.id == meta.id => row.clone(),
+            Some(row) => FileRow {
+                meta: meta.clone(),
+                ..row.clone()
+            },
+            None => FileRow::new(meta.clone()),
+        };
+        if let Some(d) = s.downloads.get_mut(&key) {
+            d.meta = meta;
+            d.row = row.clone();
+        }
+        offered.insert(key);
+        rows.push(row);
+    }
+    let mut returned = Vec::new();
+    for (key, d) in s.downloads.iter_mut() {
+        let now_offered = offered.contains(key);
+        if now_offered && !d.offered {
+            returned.push(key.clone());
+        }
+        d.offered = now_offered;
+    }
     s.ui.files.set(rows);
-}
-
-/// What a finished transfer shows: verified, or why not.
-fn outcome_status(outcome: Result<(), ClientError>) -> FileStatus {
-    match outcome {
-        Ok(()) => FileStatus::Verified,
-        Err(ClientError::Transfer(TransferError::Integrity)) => {
-            FileStatus::Failed("integrity".into())
-        }
-        Err(e) => FileStatus::Failed(e.to_string()),
+    if !returned.is_empty() {
+        // Files that came back (the sender re-added them): pick up where they stopped.
+        s.open_downloads();
     }
-}
-
-fn on_frame(s: &mut State, buf: &js_sys::ArrayBuffer) {
-    let bytes = js_sys::Uint8Array::new(buf);
-    let len = bytes.length() as usize;
-    let mut header = [0u8; frame::HEADER_LEN];
-    if len < frame::HEADER_LEN {
-        leptos::logging::warn!("{}", TransferError::ShortFrame(len));
-        return;
-    }
-    bytes
-        .subarray(0, frame::HEADER_LEN as u32)
-        .copy_to(&mut header);
-    let Ok((file, offset)) = frame::decode_header(&header) else {
-        return;
-    };
-    let Some(d) = s.downloads.get_mut(&file) else {
-        return;
-    };
-    let payload = bytes.subarray(frame::HEADER_LEN as u32, len as u32);
-    match d.store.write(offset, &payload) {
-        Ok(()) => {
-            let now = now_ms();
-            if d.row.status.get_untracked() == FileStatus::Requested {
-                d.row.status.set(FileStatus::Receiving);
+    if !s.resume_checked {
+        s.resume_checked = true;
+        let candidates: Vec<(String, FileRow)> = s.ui.files.with_untracked(|rows| {
+            rows.iter()
+                .map(|r| (resume_key(&share, &r.meta), r.clone()))
+                .collect()
+        });
+        let weak = Rc::downgrade(state);
+        spawn_local(async move {
+            for (key, row) in candidates {
+                if has_record(&share, &key).await {
+                    let Some(state) = weak.upgrade() else { return };
+                    start_download(&state, row);
+                }
             }
-            if now - d.last_progress >= PROGRESS_EVERY_MS || d.store.is_complete() {
-                d.last_progress = now;
-                d.row.progress.set(d.meter.update(now, d.store.received()));
-            }
-        }
-        Err(e) => {
-            if let Some(d) = s.downloads.remove(&file) {
-                d.row.status.set(FileStatus::Failed(e.to_string()));
-            }
-        }
+        });
     }
 }
 

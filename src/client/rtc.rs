@@ -13,8 +13,8 @@ use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
     RtcConfiguration, RtcDataChannel, RtcDataChannelEvent, RtcDataChannelInit, RtcIceCandidateInit,
-    RtcIceServer, RtcPeerConnection, RtcPeerConnectionIceEvent, RtcPeerConnectionState, RtcSdpType,
-    RtcSessionDescriptionInit,
+    RtcIceServer, RtcOfferOptions, RtcPeerConnection, RtcPeerConnectionIceEvent,
+    RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit,
 };
 
 /// What the connection reports, in order.
@@ -34,7 +34,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    fn send(&self, payload: &SignalPayload) {
+    pub fn send(&self, payload: &SignalPayload) {
         let sealed = serde_json::to_string(payload)
             .map_err(|e| ClientError::BadPayload(e.to_string()))
             .and_then(|plain| Ok(self.key.seal(self.me, self.remote, &plain)?));
@@ -46,12 +46,18 @@ impl Outbox {
             Err(e) => leptos::logging::warn!("cannot seal a signaling payload: {e}"),
         }
     }
+}
 
-    /// Opens a payload the remote peer sealed for us.
-    fn open(&self, sealed: &str) -> Result<SignalPayload, ClientError> {
-        let plain = self.key.open(self.remote, self.me, sealed)?;
-        serde_json::from_str(&plain).map_err(|e| ClientError::BadPayload(e.to_string()))
-    }
+/// Opens a payload `from` sealed for `me` with the share key. Fails (and nothing else happens)
+/// when it was altered, sealed under another key or for another pair of peers.
+pub fn open_payload(
+    key: &ShareKey,
+    from: PeerId,
+    me: PeerId,
+    sealed: &str,
+) -> Result<SignalPayload, ClientError> {
+    let plain = key.open(from, me, sealed)?;
+    serde_json::from_str(&plain).map_err(|e| ClientError::BadPayload(e.to_string()))
 }
 
 pub struct RtcLink {
@@ -142,10 +148,27 @@ impl RtcLink {
         Ok(())
     }
 
-    /// Opens and applies one sealed payload from the remote peer (answering an offer). A payload
-    /// that fails authentication is an error and changes nothing.
-    pub async fn apply(&self, sealed: &str) -> Result<(), ClientError> {
-        match self.outbox.open(sealed)? {
+    /// Starts an ICE restart from this side (the connection object survived, its network path
+    /// did not): a new offer with fresh ICE credentials, which the other side answers.
+    pub async fn restart_ice(&self) -> Result<(), ClientError> {
+        let options = RtcOfferOptions::new();
+        options.set_ice_restart(true);
+        let offer = JsFuture::from(self.pc.create_offer_with_rtc_offer_options(&options)).await?;
+        let sdp = sdp_of(&offer)?;
+        self.set_local(RtcSdpType::Offer, &sdp).await?;
+        self.outbox.send(&SignalPayload::Offer { sdp });
+        Ok(())
+    }
+
+    pub fn state(&self) -> RtcPeerConnectionState {
+        self.pc.connection_state()
+    }
+
+    /// Applies one opened payload from the remote peer (answering an offer, first or ICE
+    /// restart). `hello` and `rejected` are the sessions' business, not the connection's.
+    pub async fn apply(&self, payload: SignalPayload) -> Result<(), ClientError> {
+        match payload {
+            SignalPayload::Hello { .. } | SignalPayload::Rejected => {}
             SignalPayload::Offer { sdp } => {
                 self.set_remote(RtcSdpType::Offer, &sdp).await?;
                 let answer = JsFuture::from(self.pc.create_answer()).await?;

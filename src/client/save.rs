@@ -1,20 +1,16 @@
-//! Hands finished bytes to the browser as a normal download with the original name.
+//! Hands finished files to the person: as a normal download with the original name, into a
+//! folder they chose (keeping the sender's tree), or as one ZIP of many files.
 
 use super::{window, ClientError};
+use crate::transfer::archive::{Part, ZipBuilder};
+use crate::transfer::FileMeta;
 use wasm_bindgen::JsCast;
-use web_sys::{Blob, BlobPropertyBag, HtmlAnchorElement, Url};
-
-/// Saves bytes held in memory.
-pub fn save(name: &str, mime: &str, bytes: &[u8]) -> Result<(), ClientError> {
-    let parts = js_sys::Array::of1(&js_sys::Uint8Array::from(bytes));
-    let options = BlobPropertyBag::new();
-    // Never the sender's MIME type: a blob URL on our origin typed text/html or SVG could run
-    // script if a browser ever displayed it instead of downloading it.
-    let _ = mime;
-    options.set_type("application/octet-stream");
-    let blob = Blob::new_with_u8_array_sequence_and_options(&parts, &options)?;
-    save_blob(name, &blob)
-}
+use wasm_bindgen_futures::JsFuture;
+use web_sys::{
+    Blob, BlobPropertyBag, FileSystemDirectoryHandle, FileSystemFileHandle,
+    FileSystemGetDirectoryOptions, FileSystemGetFileOptions, FileSystemWritableFileStream,
+    HtmlAnchorElement, Url,
+};
 
 /// Saves a blob (or a disk-backed file) without copying it into memory.
 pub fn save_blob(name: &str, blob: &Blob) -> Result<(), ClientError> {
@@ -35,4 +31,86 @@ pub fn save_blob(name: &str, blob: &Blob) -> Result<(), ClientError> {
         let _ = Url::revoke_object_url(&url);
     });
     Ok(())
+}
+
+/// The browser's folder picker, where there is one (Chromium-based browsers): a promise of the
+/// folder the person chose. Call it from the click itself (it needs the user's gesture).
+pub fn pick_directory() -> Option<js_sys::Promise> {
+    let window = window().ok()?;
+    let picker = js_sys::Reflect::get(&window, &"showDirectoryPicker".into()).ok()?;
+    let picker = picker.dyn_ref::<js_sys::Function>()?;
+    let options = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&options, &"mode".into(), &"readwrite".into());
+    picker.call1(&window, &options).ok()?.dyn_into().ok()
+}
+
+/// Writes `blob` to `parts` (safe path components, the last one the file name) under `dir`,
+/// creating the folders on the way. The browser streams the blob to disk.
+pub async fn save_to_folder(
+    dir: &FileSystemDirectoryHandle,
+    parts: &[String],
+    blob: &Blob,
+) -> Result<(), ClientError> {
+    let Some((name, folders)) = parts.split_last() else {
+        return Err(ClientError::Js("no file name".into()));
+    };
+    let create = FileSystemGetDirectoryOptions::new();
+    create.set_create(true);
+    let mut here = dir.clone();
+    for folder in folders {
+        here = JsFuture::from(here.get_directory_handle_with_options(folder, &create))
+            .await?
+            .dyn_into()?;
+    }
+    let file_options = FileSystemGetFileOptions::new();
+    file_options.set_create(true);
+    let handle: FileSystemFileHandle =
+        JsFuture::from(here.get_file_handle_with_options(name, &file_options))
+            .await?
+            .dyn_into()?;
+    let writable: FileSystemWritableFileStream =
+        JsFuture::from(handle.create_writable()).await?.dyn_into()?;
+    if let Err(e) = JsFuture::from(writable.write_with_blob(blob)?).await {
+        let _ = JsFuture::from(writable.abort()).await;
+        return Err(e.into());
+    }
+    JsFuture::from(writable.close()).await?;
+    Ok(())
+}
+
+/// One ZIP of `files` (each: its sender-given path and name, and its bytes as a blob or a
+/// disk-backed file), saved as `name`. Built from parts (see `transfer::archive`): the files
+/// are read once, in 1 MiB pieces, for their CRC, and never held whole in memory.
+pub async fn save_zip(name: &str, files: &[(FileMeta, Blob)]) -> Result<(), ClientError> {
+    const PIECE: f64 = 1024.0 * 1024.0;
+    let mut zip = ZipBuilder::new();
+    let mut piece = Vec::new();
+    for (meta, blob) in files {
+        let size = blob.size();
+        zip.add(&meta.path, &meta.name, size as u64)
+            .map_err(|e| ClientError::Js(e.to_string()))?;
+        let mut at = 0.0;
+        while at < size {
+            let end = (at + PIECE).min(size);
+            let buf = JsFuture::from(blob.slice_with_f64_and_f64(at, end)?.array_buffer()).await?;
+            let bytes = js_sys::Uint8Array::new(&buf);
+            piece.resize(bytes.length() as usize, 0);
+            bytes.copy_to(&mut piece);
+            zip.data(&piece)
+                .map_err(|e| ClientError::Js(e.to_string()))?;
+            at = end;
+        }
+    }
+    let parts = zip.finish().map_err(|e| ClientError::Js(e.to_string()))?;
+    let sequence = js_sys::Array::new();
+    for part in parts {
+        match part {
+            Part::Bytes(bytes) => sequence.push(&js_sys::Uint8Array::from(&bytes[..])),
+            Part::File(i) => sequence.push(&files[i].1),
+        };
+    }
+    let options = BlobPropertyBag::new();
+    options.set_type("application/zip");
+    let archive = Blob::new_with_blob_sequence_and_options(&sequence, &options)?;
+    save_blob(name, &archive)
 }

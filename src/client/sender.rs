@@ -1,25 +1,36 @@
 //! The sender's session: one signaling socket, one share, and per receiver one peer connection,
-//! one data channel and one task that answers its requests, streaming files with backpressure.
+//! one data channel, one task reading its messages and one task sending the files it asks for.
+//!
+//! A receiver is given a connection only once it proves it holds the link's secret (a sealed
+//! `hello`): anyone who merely knows the share id costs this page nothing. Its requests (byte
+//! ranges of a file, each with a transfer id) are served one at a time, in order; every block's
+//! BLAKE3 hash goes ahead of its bytes, computed as the block passes (and kept, so later receivers
+//! and resumed downloads cost no hashing); a receiver's acknowledgements keep the request at most
+//! a window ahead of what it has stored, and a `cancel` stops it at the next frame.
 //!
 //! The signaling socket is reopened when it drops (a node restarting closes it with 4003); the
 //! page then takes its share back under its new peer id with the share's claim token, so the link
-//! it handed out keeps working. Receivers already connected never notice: their connections do
-//! not go through the server.
+//! it handed out keeps working. The share (id, secret, token) and the list of files are kept in
+//! the tab's session storage too, so a reload of this page keeps the same link; the files
+//! themselves must be added again (the page lists them), and receivers resume when they are.
 
 use super::channel::{send_msg, Backpressure, Channel, ChannelEvent};
-use super::rtc::{LinkEvent, Outbox, RtcLink};
+use super::rtc::{open_payload, LinkEvent, Outbox, RtcLink};
 use super::signaling::{self, Event, Signaling};
 use super::{js_message, now_ms, picker, random_hex, window, ClientError};
-use crate::components::send::{ReceiverRow, SenderUi};
-use crate::components::FileRow;
-use crate::protocol::{ClaimToken, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId};
+use crate::protocol::{
+    ClaimToken, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload,
+};
 use crate::seal::{ShareKey, SECRET_BYTES};
+use crate::transfer::blocks::{block_hash, root_hash, BlockHash, Layout};
+use crate::transfer::outgoing::{Job, Outgoing};
 use crate::transfer::progress::Meter;
-use crate::transfer::{frame, FileId, FileMeta, FlowControl, PeerMsg};
-use futures::channel::mpsc::UnboundedReceiver;
+use crate::transfer::{frame, query_pairs, FileId, FileMeta, FlowControl, PeerMsg};
+use crate::view::{FileRow, ReceiverRow, SenderUi};
+use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use leptos::prelude::*;
-use sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
@@ -32,21 +43,89 @@ const PROGRESS_EVERY_MS: f64 = 200.0;
 /// After a backend failure the share is asked for again this much later (ms).
 const SHARE_RETRY_MS: u32 = 1_000;
 
-/// A file offered in this share. Its SHA-256 is computed during the first send and cached.
+/// Receivers that said hello but whose channel is not open yet, at most: each costs a peer
+/// connection, and only a holder of the link can say hello, but a holder may still misbehave.
+const MAX_PENDING: usize = 16;
+
+/// A connection that failed is kept this long (ms) in case the receiver's ICE restart revives it.
+const FAILED_GRACE_MS: u32 = 15_000;
+
+/// Where the tab keeps its share across reloads.
+const SESSION_KEY: &str = "beamdrop.sender";
+
+/// A file offered in this share, with the hashes of the blocks read so far.
 struct SharedFile {
     meta: FileMeta,
     file: web_sys::File,
-    sha256: RefCell<Option<String>>,
+    layout: Layout,
+    hashes: RefCell<Vec<Option<BlockHash>>>,
     /// Set when the sender removes it: sends in progress stop.
     removed: Cell<bool>,
 }
 
-/// One receiver: its connection and channel (the listeners live as long as this does).
+impl SharedFile {
+    /// The file's BLAKE3 hash, reading (not sending) any block not hashed yet.
+    async fn root(&self) -> Result<BlockHash, ClientError> {
+        for index in 0..self.layout.count() {
+            if self.hashes.borrow()[index as usize].is_some() {
+                continue;
+            }
+            let (start, end) = self.layout.range(index);
+            let bytes = read_range(&self.file, start, end).await?.to_vec();
+            self.hashes.borrow_mut()[index as usize] =
+                Some(block_hash(&self.layout, index, &bytes));
+        }
+        let hashes: Vec<BlockHash> = self.hashes.borrow().iter().flatten().copied().collect();
+        root_hash(&self.layout, &hashes)
+            .ok_or_else(|| ClientError::Js("block hashes do not cover the file".into()))
+    }
+
+    fn known_root(&self) -> Option<BlockHash> {
+        let hashes: Option<Vec<BlockHash>> = self.hashes.borrow().iter().copied().collect();
+        root_hash(&self.layout, &hashes?)
+    }
+}
+
+/// One receiver: its connection and channel (the listeners live as long as this does), and
+/// what it asked for.
 struct Receiver {
     link: Rc<RtcLink>,
     channel: Channel,
     row: ReceiverRow,
     open: bool,
+    /// The hello this connection answers.
+    attempt: u32,
+    out: Rc<RefCell<Outgoing>>,
+    /// Wakes the receiver's send task (a request, an ack, a cancel).
+    wake: UnboundedSender<()>,
+}
+
+/// What the tab keeps across a reload of this page.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    share: ShareId,
+    token: ClaimToken,
+    secret: String,
+    files: Vec<SavedFile>,
+}
+
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SavedFile {
+    name: String,
+    path: String,
+    size: u64,
+    modified: u64,
+}
+
+impl SavedFile {
+    fn of(meta: &FileMeta) -> Self {
+        Self {
+            name: meta.name.clone(),
+            path: meta.path.clone(),
+            size: meta.size,
+            modified: meta.modified,
+        }
+    }
 }
 
 struct State {
@@ -63,11 +142,16 @@ struct State {
     share_live: bool,
     key: Option<ShareKey>,
     files: Vec<Rc<SharedFile>>,
+    /// Files the share had before this page was reloaded, not added again yet.
+    missing: Vec<SavedFile>,
     next_file: u32,
     next_receiver: u32,
     receivers: HashMap<PeerId, Receiver>,
     /// Flow-control settings (defaults, or `?chunk=…` overrides for benchmarks).
     flow: FlowControl,
+    /// Test hook (`?corrupt_block=N`): the first time block N of any file is sent, one of its
+    /// bytes is flipped after hashing, as if damaged on the way.
+    corrupt_block: Cell<Option<u32>>,
 }
 
 impl State {
@@ -76,10 +160,9 @@ impl State {
             files: self
                 .files
                 .iter()
-                .map(|f| {
-                    let mut meta = f.meta.clone();
-                    meta.sha256 = f.sha256.borrow().clone();
-                    meta
+                .map(|f| FileMeta {
+                    hash: f.known_root(),
+                    ..f.meta.clone()
                 })
                 .collect(),
         }
@@ -112,9 +195,45 @@ impl State {
         });
     }
 
+    /// The share is bound to this page: its key, and the link to hand out.
+    fn bind_share(&mut self, share: &ShareId) -> Result<(), ClientError> {
+        self.key = Some(ShareKey::derive(&self.secret, share)?);
+        let origin = window()?.location().origin()?;
+        self.ui
+            .link
+            .set(Some(format!("{origin}/s/{share}#{}", self.secret)));
+        self.share_live = true;
+        self.ui.reconnecting.set(false);
+        Ok(())
+    }
+
+    /// Keeps the share and the file list in the tab's session storage.
+    fn save(&self) {
+        let Some((share, token)) = &self.share else {
+            return;
+        };
+        let saved = Saved {
+            share: share.clone(),
+            token: token.clone(),
+            secret: self.secret.clone(),
+            files: self
+                .files
+                .iter()
+                .map(|f| SavedFile::of(&f.meta))
+                .chain(self.missing.iter().cloned())
+                .collect(),
+        };
+        let storage = window()
+            .ok()
+            .and_then(|w| w.session_storage().ok().flatten());
+        if let (Some(storage), Ok(text)) = (storage, serde_json::to_string(&saved)) {
+            let _ = storage.set_item(SESSION_KEY, &text);
+        }
+    }
+
     /// The signaling connection dropped. Receivers whose offer was never answered are dropped:
     /// their answer would go to this page's old peer id, so they cannot connect any more (they
-    /// join again and get a fresh offer). Connected ones are not touched.
+    /// say hello again and get a fresh offer). Connected ones are not touched.
     fn signaling_lost(&mut self) {
         self.signaling = None;
         self.me = None;
@@ -145,33 +264,48 @@ pub struct SenderSession {
     state: Rc<RefCell<State>>,
 }
 
+fn load_saved() -> Option<Saved> {
+    let storage = window().ok()?.session_storage().ok()??;
+    let text = storage.get_item(SESSION_KEY).ok()??;
+    serde_json::from_str(&text).ok()
+}
+
 impl SenderSession {
     pub fn start(ui: SenderUi) -> Self {
-        let secret = match random_hex(SECRET_BYTES) {
-            Ok(secret) => secret,
-            Err(e) => {
+        let saved = load_saved();
+        let secret = match &saved {
+            Some(saved) => saved.secret.clone(),
+            None => random_hex(SECRET_BYTES).unwrap_or_else(|e| {
                 ui.error
                     .set(Some(format!("no secure random numbers here: {e}")));
                 String::new()
-            }
+            }),
         };
+        let query = window()
+            .and_then(|w| Ok(w.location().search()?))
+            .unwrap_or_default();
+        let corrupt_block = query_pairs(&query)
+            .find(|(k, _)| *k == "corrupt_block")
+            .and_then(|(_, v)| v.parse().ok());
+        let missing = saved.as_ref().map(|s| s.files.clone()).unwrap_or_default();
+        ui.missing
+            .set(missing.iter().map(|f| display(&f.path, &f.name)).collect());
         let state = Rc::new(RefCell::new(State {
             ui,
             signaling: None,
             ice_servers: Vec::new(),
             me: None,
             secret,
-            share: None,
+            share: saved.map(|s| (s.share, s.token)),
             share_live: false,
             key: None,
             files: Vec::new(),
+            missing,
             next_file: 0,
             next_receiver: 1,
-            flow: window()
-                .and_then(|w| Ok(w.location().search()?))
-                .map(|q| FlowControl::DEFAULT.with_query(&q))
-                .unwrap_or(FlowControl::DEFAULT),
+            flow: FlowControl::DEFAULT.with_query(&query),
             receivers: HashMap::new(),
+            corrupt_block: Cell::new(corrupt_block),
         }));
         spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
         Self { state }
@@ -205,38 +339,7 @@ impl SenderSession {
             }
         });
     }
-}
 
-/// Adds files to the share; receivers see the new list at once.
-fn add_picked(state: &RefCell<State>, picked: Vec<picker::Picked>) {
-    {
-        let mut state = state.borrow_mut();
-        let mut rows = Vec::new();
-        for picker::Picked { file, path } in picked {
-            let id = FileId(state.next_file);
-            state.next_file += 1;
-            let meta = FileMeta {
-                id,
-                name: file.name(),
-                path,
-                size: file.size() as u64,
-                mime: file.type_(),
-                sha256: None,
-            };
-            rows.push(FileRow::new(meta.clone()));
-            state.files.push(Rc::new(SharedFile {
-                meta,
-                file,
-                sha256: RefCell::new(None),
-                removed: Cell::new(false),
-            }));
-        }
-        state.ui.files.update(|files| files.extend(rows));
-        state.broadcast_manifest();
-    }
-}
-
-impl SenderSession {
     /// Stops offering a file; receivers see it disappear and transfers of it stop.
     pub fn remove_file(&self, file: FileId) {
         let mut state = self.state.borrow_mut();
@@ -252,7 +355,56 @@ impl SenderSession {
             .files
             .update(|rows| rows.retain(|r| r.id() != file));
         state.broadcast_manifest();
+        state.save();
     }
+}
+
+fn display(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_owned()
+    } else {
+        path.to_owned()
+    }
+}
+
+/// Adds files to the share; receivers see the new list at once.
+fn add_picked(state: &RefCell<State>, picked: Vec<picker::Picked>) {
+    let mut state = state.borrow_mut();
+    let mut rows = Vec::new();
+    for picker::Picked { file, path } in picked {
+        let id = FileId(state.next_file);
+        state.next_file += 1;
+        let meta = FileMeta {
+            id,
+            name: file.name(),
+            path,
+            size: file.size() as u64,
+            mime: file.type_(),
+            modified: file.last_modified().max(0.0) as u64,
+            hash: None,
+        };
+        // A file the share had before a reload of this page is back.
+        let again = SavedFile::of(&meta);
+        state.missing.retain(|m| *m != again);
+        let layout = Layout::new(meta.size);
+        rows.push(FileRow::new(meta.clone()));
+        state.files.push(Rc::new(SharedFile {
+            hashes: RefCell::new(vec![None; layout.count() as usize]),
+            layout,
+            meta,
+            file,
+            removed: Cell::new(false),
+        }));
+    }
+    let missing: Vec<String> = state
+        .missing
+        .iter()
+        .map(|f| display(&f.path, &f.name))
+        .collect();
+    state.ui.missing.set(missing);
+    state.ui.files.update(|files| files.extend(rows));
+    state.broadcast_manifest();
+    state.save();
 }
 
 impl Drop for SenderSession {
@@ -301,24 +453,13 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
         }
         ServerMsg::ShareCreated { share, token } => {
             let mut s = state.borrow_mut();
-            match ShareKey::derive(&s.secret, &share) {
-                Ok(key) => s.key = Some(key),
-                Err(e) => {
-                    s.ui.error.set(Some(e.to_string()));
-                    return;
-                }
-            }
-            match window().and_then(|w| Ok(w.location().origin()?)) {
-                Ok(origin) => {
-                    s.ui.link
-                        .set(Some(format!("{origin}/s/{share}#{}", s.secret)))
-                }
-                Err(e) => s.ui.error.set(Some(e.to_string())),
-            }
             let replaced = s.share.is_some();
+            if let Err(e) = s.bind_share(&share) {
+                s.ui.error.set(Some(e.to_string()));
+                return;
+            }
             s.share = Some((share, token));
-            s.share_live = true;
-            s.ui.reconnecting.set(false);
+            s.save();
             if replaced {
                 s.ui.error.set(Some(
                     "The server no longer knew your previous link, so this is a new one: \
@@ -330,24 +471,12 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
         ServerMsg::ShareReclaimed { share } => {
             let mut s = state.borrow_mut();
             if s.share.as_ref().map(|(id, _)| id) == Some(&share) {
-                s.share_live = true;
-                s.ui.reconnecting.set(false);
+                if let Err(e) = s.bind_share(&share) {
+                    s.ui.error.set(Some(e.to_string()));
+                }
             }
         }
-        ServerMsg::PeerJoined { peer, .. } => {
-            if let Err(e) = connect_receiver(state, peer).await {
-                state.borrow().ui.error.set(Some(e.to_string()));
-            }
-        }
-        ServerMsg::Signal { from, payload } => {
-            let link = state.borrow().receivers.get(&from).map(|r| r.link.clone());
-            let Some(link) = link else { return };
-            if let Err(e) = link.apply(&payload).await {
-                // Altered in transit or sealed with another key: no connection to that peer.
-                leptos::logging::warn!("signal from {from} refused: {e}");
-                state.borrow_mut().drop_receiver(from);
-            }
-        }
+        ServerMsg::Signal { from, payload } => on_signal(state, from, &payload).await,
         ServerMsg::PeerLeft { peer } => state.borrow_mut().drop_receiver(peer),
         ServerMsg::Error { code, message } => {
             leptos::logging::warn!("server error {code:?}: {message}");
@@ -375,14 +504,73 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                 _ => {}
             }
         }
-        ServerMsg::Joined { .. } | ServerMsg::Pong => {}
+        // A join costs nothing until the receiver proves it holds the link (its hello).
+        ServerMsg::PeerJoined { .. } | ServerMsg::Joined { .. } | ServerMsg::Pong => {}
     }
 }
 
-/// A receiver joined: open a connection and a channel to it and offer.
-async fn connect_receiver(state: &Rc<RefCell<State>>, peer: PeerId) -> Result<(), ClientError> {
-    let ((link, link_events), flow) = {
+/// A sealed payload from a receiver: a hello (connect to it), or signaling for its connection.
+async fn on_signal(state: &Rc<RefCell<State>>, from: PeerId, sealed: &str) {
+    let opened = {
         let s = state.borrow();
+        let (Some(key), Some(me)) = (s.key.as_ref(), s.me) else {
+            return;
+        };
+        open_payload(key, from, me, sealed)
+    };
+    match opened {
+        Ok(SignalPayload::Hello { attempt }) => {
+            if let Err(e) = connect_receiver(state, from, attempt).await {
+                leptos::logging::warn!("could not connect to a receiver: {e}");
+            }
+        }
+        Ok(payload) => {
+            let link = state.borrow().receivers.get(&from).map(|r| r.link.clone());
+            let Some(link) = link else { return };
+            if let Err(e) = link.apply(payload).await {
+                leptos::logging::warn!("signal from {from} not applied: {e}");
+            }
+        }
+        Err(e) => {
+            // Altered in transit or sealed with another key: no connection to that peer, and
+            // a sealed word back so its page does not wait for an offer that never comes.
+            leptos::logging::warn!("signal from {from} refused: {e}");
+            let mut s = state.borrow_mut();
+            s.drop_receiver(from);
+            if let (Some(signaling), Some(key), Some(me)) =
+                (s.signaling.clone(), s.key.clone(), s.me)
+            {
+                let outbox = Outbox {
+                    signaling,
+                    key,
+                    me,
+                    remote: from,
+                };
+                outbox.send(&SignalPayload::Rejected);
+            }
+        }
+    }
+}
+
+/// A receiver said hello: open a connection and a channel to it and offer. A newer hello from
+/// the same receiver (its connection broke) replaces the old connection.
+async fn connect_receiver(
+    state: &Rc<RefCell<State>>,
+    peer: PeerId,
+    attempt: u32,
+) -> Result<(), ClientError> {
+    let (link, link_events, flow) = {
+        let mut s = state.borrow_mut();
+        if s.receivers.get(&peer).is_some_and(|r| r.attempt >= attempt) {
+            return Ok(());
+        }
+        s.drop_receiver(peer);
+        let pending = s.receivers.values().filter(|r| !r.open).count();
+        if pending >= MAX_PENDING {
+            return Err(ClientError::Js(format!(
+                "{pending} receivers are still connecting; this one waits"
+            )));
+        }
         let (Some(signaling), Some(key), Some(me)) = (s.signaling.clone(), s.key.clone(), s.me)
         else {
             return Err(ClientError::Signaling("not connected".into()));
@@ -393,12 +581,15 @@ async fn connect_receiver(state: &Rc<RefCell<State>>, peer: PeerId) -> Result<()
             me,
             remote: peer,
         };
-        (RtcLink::new(outbox, &s.ice_servers)?, s.flow)
+        let (link, events) = RtcLink::new(outbox, &s.ice_servers)?;
+        (link, events, s.flow)
     };
     let dc = link.create_channel("files");
-    let (channel, events, backpressure) = Channel::new(dc, flow.low_water, flow.high_water);
+    let (channel, events, backpressure) = Channel::new(dc, flow.low_water, flow.high_water, None);
     let link = Rc::new(link);
-    {
+    let out = Rc::new(RefCell::new(Outgoing::default()));
+    let (wake, woken) = unbounded();
+    let row = {
         let mut s = state.borrow_mut();
         let n = s.next_receiver;
         s.next_receiver += 1;
@@ -409,174 +600,328 @@ async fn connect_receiver(state: &Rc<RefCell<State>>, peer: PeerId) -> Result<()
             Receiver {
                 link: link.clone(),
                 channel,
-                row,
+                row: row.clone(),
                 open: false,
+                attempt,
+                out: out.clone(),
+                wake,
             },
         );
-    }
-    spawn_local(watch_link(Rc::downgrade(state), peer, link_events));
-    spawn_local(serve_receiver(
+        row
+    };
+    spawn_local(watch_link(
         Rc::downgrade(state),
         peer,
-        events,
+        Rc::downgrade(&link),
+        link_events,
+    ));
+    spawn_local(read_receiver(Rc::downgrade(state), peer, events));
+    spawn_local(send_to_receiver(
+        Rc::downgrade(state),
+        peer,
         backpressure,
+        out,
+        woken,
+        row,
     ));
     link.offer().await
 }
 
-/// Drops a receiver whose connection failed or closed.
+/// Drops a receiver whose connection closed, or failed and was not revived.
 async fn watch_link(
     state: Weak<RefCell<State>>,
     peer: PeerId,
+    link: Weak<RtcLink>,
     mut events: UnboundedReceiver<LinkEvent>,
 ) {
     while let Some(event) = events.next().await {
-        if let LinkEvent::State(RtcPeerConnectionState::Failed | RtcPeerConnectionState::Closed) =
-            event
-        {
-            if let Some(state) = state.upgrade() {
-                state.borrow_mut().drop_receiver(peer);
+        match event {
+            LinkEvent::State(RtcPeerConnectionState::Closed) => {
+                if let Some(state) = state.upgrade() {
+                    drop_if_current(&state, peer, &link);
+                }
+                return;
             }
-            return;
+            LinkEvent::State(RtcPeerConnectionState::Failed) => {
+                // The receiver may restart ICE on this very connection; give it the time.
+                let (state, link) = (state.clone(), link.clone());
+                spawn_local(async move {
+                    gloo_timers::future::TimeoutFuture::new(FAILED_GRACE_MS).await;
+                    let (Some(state), Some(l)) = (state.upgrade(), link.upgrade()) else {
+                        return;
+                    };
+                    if l.state() == RtcPeerConnectionState::Failed {
+                        drop_if_current(&state, peer, &link);
+                    }
+                });
+            }
+            _ => {}
         }
     }
 }
 
-/// Answers one receiver's requests, one file at a time, until its channel closes.
-async fn serve_receiver(
+/// Drops `peer` if `link` is still its connection (not one a newer hello replaced it with).
+fn drop_if_current(state: &Rc<RefCell<State>>, peer: PeerId, link: &Weak<RtcLink>) {
+    let mut s = state.borrow_mut();
+    let current = match (s.receivers.get(&peer), link.upgrade()) {
+        (Some(r), Some(l)) => Rc::ptr_eq(&r.link, &l),
+        _ => false,
+    };
+    if current {
+        s.drop_receiver(peer);
+    }
+}
+
+/// One receiver's messages: requests, acks and cancels go to its send task.
+async fn read_receiver(
     state: Weak<RefCell<State>>,
     peer: PeerId,
     mut events: UnboundedReceiver<ChannelEvent>,
-    mut backpressure: Backpressure,
 ) {
     while let Some(event) = events.next().await {
         let Some(st) = state.upgrade() else { return };
+        let mut s = st.borrow_mut();
+        let Some(r) = s.receivers.get(&peer) else {
+            return;
+        };
+        let (dc, out, wake) = (r.channel.dc.clone(), r.out.clone(), r.wake.clone());
         match event {
             ChannelEvent::Open => {
-                let mut s = st.borrow_mut();
                 if let Some(r) = s.receivers.get_mut(&peer) {
                     r.open = true;
                     r.row.state.set("connected".into());
                 }
                 s.update_peer_count();
-                let _ = send_msg(backpressure.channel(), &s.manifest());
+                let _ = send_msg(&dc, &s.manifest());
             }
             ChannelEvent::Text(text) => match serde_json::from_str::<PeerMsg>(&text) {
-                Ok(PeerMsg::Request { file }) => {
-                    let (shared, receiver, flow) = {
-                        let s = st.borrow();
-                        let shared = s.files.iter().find(|f| f.meta.id == file).cloned();
-                        let receiver = s
-                            .receivers
-                            .get(&peer)
-                            .map(|r| (r.row.clone(), r.link.max_message_size()));
-                        (shared, receiver, s.flow)
+                Ok(PeerMsg::Request {
+                    transfer,
+                    file,
+                    ranges,
+                }) => {
+                    let layout = s.files.iter().find(|f| f.meta.id == file).map(|f| f.layout);
+                    let queued = match layout {
+                        Some(layout) => out
+                            .borrow_mut()
+                            .push(transfer, file, &layout, &ranges)
+                            .map_err(|e| e.to_string()),
+                        None => Err("no longer shared".into()),
                     };
-                    drop(st);
-                    let Some((row, max_message)) = receiver else {
-                        return;
-                    };
-                    let Some(shared) = shared else {
-                        let msg = PeerMsg::FileError {
-                            file,
-                            message: "no longer shared".into(),
-                        };
-                        let _ = send_msg(backpressure.channel(), &msg);
-                        continue;
-                    };
-                    let flow = flow.fitted_to(max_message);
-                    row.state.set(format!("sending {}", shared.meta.name));
-                    let sent = send_file(&mut backpressure, &shared, flow, &row).await;
-                    row.state.set("connected".into());
-                    match sent {
-                        Ok(()) => {}
-                        Err(ClientError::ChannelClosed) => {
-                            if let Some(st) = state.upgrade() {
-                                st.borrow_mut().drop_receiver(peer);
-                            }
-                            return;
+                    match queued {
+                        Ok(()) => {
+                            let _ = wake.unbounded_send(());
                         }
-                        Err(e) => {
-                            let msg = PeerMsg::FileError {
-                                file,
-                                message: e.to_string(),
-                            };
-                            let _ = send_msg(backpressure.channel(), &msg);
+                        Err(message) => {
+                            let _ = send_msg(
+                                &dc,
+                                &PeerMsg::Refused {
+                                    transfer,
+                                    file,
+                                    message,
+                                },
+                            );
                         }
                     }
+                }
+                Ok(PeerMsg::Cancel { transfer }) => {
+                    out.borrow_mut().cancel(transfer);
+                    let _ = wake.unbounded_send(());
+                }
+                Ok(PeerMsg::Ack { transfer, stored }) => {
+                    out.borrow_mut().ack(transfer, stored);
+                    let _ = wake.unbounded_send(());
                 }
                 Ok(other) => leptos::logging::warn!("unexpected from receiver: {other:?}"),
                 Err(e) => leptos::logging::warn!("unreadable message from receiver: {e}"),
             },
             ChannelEvent::Binary(_) => {}
             ChannelEvent::Closed => {
-                st.borrow_mut().drop_receiver(peer);
+                s.drop_receiver(peer);
                 return;
             }
         }
     }
 }
 
-/// Streams one file: reads blocks in order, hashes them as they pass, frames them by offset.
-async fn send_file(
-    out: &mut Backpressure,
-    shared: &SharedFile,
-    flow: FlowControl,
-    row: &ReceiverRow,
-) -> Result<(), ClientError> {
-    let size = shared.meta.size;
-    let mut meter = Meter::new(size);
-    let mut last_progress = now_ms();
-    row.progress.set(meter.update(last_progress, 0));
-    let known = shared.sha256.borrow().clone();
-    let mut hasher = known.is_none().then(Sha256::new);
-    let mut frame_buf = Vec::with_capacity(frame::HEADER_LEN + flow.chunk_size);
-    let mut offset = 0u64;
-    while offset < size {
-        if shared.removed.get() {
-            return Err(ClientError::Js("removed by the sender".into()));
+/// Why a request stopped before its end.
+enum Stop {
+    Cancelled,
+    Closed,
+    Failed(String),
+}
+
+impl From<ClientError> for Stop {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::ChannelClosed => Stop::Closed,
+            e => Stop::Failed(e.to_string()),
         }
+    }
+}
+
+/// Serves one receiver's requests, one at a time, until its channel closes.
+async fn send_to_receiver(
+    state: Weak<RefCell<State>>,
+    peer: PeerId,
+    mut bp: Backpressure,
+    out: Rc<RefCell<Outgoing>>,
+    mut woken: UnboundedReceiver<()>,
+    row: ReceiverRow,
+) {
+    let mut buffers = Buffers::default();
+    loop {
+        let job = loop {
+            if let Some(job) = out.borrow_mut().start_next() {
+                break job;
+            }
+            if woken.next().await.is_none() {
+                return;
+            }
+        };
+        let (transfer, file) = (job.transfer, job.file);
+        let sent = send_job(
+            &state,
+            peer,
+            &mut bp,
+            &out,
+            &mut woken,
+            &row,
+            &mut buffers,
+            job,
+        )
+        .await;
+        out.borrow_mut().finish_current();
+        row.state.set("connected".into());
+        match sent {
+            Ok(()) | Err(Stop::Cancelled) => {}
+            Err(Stop::Closed) => {
+                if let Some(st) = state.upgrade() {
+                    st.borrow_mut().drop_receiver(peer);
+                }
+                return;
+            }
+            Err(Stop::Failed(message)) => {
+                let refused = PeerMsg::Refused {
+                    transfer,
+                    file,
+                    message,
+                };
+                let _ = send_msg(bp.channel(), &refused);
+            }
+        }
+    }
+}
+
+/// Reused between blocks: one block read into WASM memory, one frame being built.
+#[derive(Default)]
+struct Buffers {
+    block: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+/// Sends one request: per block, its hash, then its bytes in frames; then the file's hash.
+#[allow(clippy::too_many_arguments)]
+async fn send_job(
+    state: &Weak<RefCell<State>>,
+    peer: PeerId,
+    bp: &mut Backpressure,
+    out: &Rc<RefCell<Outgoing>>,
+    woken: &mut UnboundedReceiver<()>,
+    row: &ReceiverRow,
+    buffers: &mut Buffers,
+    job: Job,
+) -> Result<(), Stop> {
+    let (shared, flow, ui) = {
+        let st = state.upgrade().ok_or(Stop::Closed)?;
+        let s = st.borrow();
+        let shared = s.files.iter().find(|f| f.meta.id == job.file).cloned();
+        let max_message = s
+            .receivers
+            .get(&peer)
+            .and_then(|r| r.link.max_message_size());
+        (shared, s.flow.fitted_to(max_message), s.ui)
+    };
+    let shared = shared.ok_or_else(|| Stop::Failed("no longer shared".into()))?;
+    let transfer = job.transfer;
+    let layout = shared.layout;
+    let total: u64 = job.blocks.iter().map(|&i| layout.len(i)).sum();
+    let mut meter = Meter::new(total);
+    let mut last_progress = now_ms();
+    row.state.set(format!("sending {}", shared.meta.name));
+    row.progress.set(meter.update(last_progress, 0));
+    let mut sent = 0u64;
+    for &index in &job.blocks {
+        // The receiver's disk sets the pace: stay within the window of what it has stored.
+        while !out.borrow().within_window(transfer, sent, flow.window) {
+            if woken.next().await.is_none() {
+                return Err(Stop::Closed);
+            }
+            if out.borrow().is_cancelled(transfer) {
+                return Err(Stop::Cancelled);
+            }
+        }
+        if out.borrow().is_cancelled(transfer) {
+            return Err(Stop::Cancelled);
+        }
+        if shared.removed.get() {
+            return Err(Stop::Failed("removed by the sender".into()));
+        }
+        let (start, end) = layout.range(index);
+        let len = (end - start) as usize;
+        let read = read_range(&shared.file, start, end).await?;
+        // One copy per byte into WASM: the hash is taken from it and frames are cut from it.
+        buffers.block.resize(len, 0);
+        read.copy_to(&mut buffers.block);
+        let cached = shared.hashes.borrow()[index as usize];
+        let hash = cached.unwrap_or_else(|| block_hash(&layout, index, &buffers.block));
+        shared.hashes.borrow_mut()[index as usize] = Some(hash);
+        if let Some(st) = state.upgrade() {
+            let s = st.borrow();
+            if s.corrupt_block.get() == Some(index) {
+                s.corrupt_block.set(None);
+                buffers.block[len / 2] ^= 0x55;
+            }
+        }
+        send_msg(
+            bp.channel(),
+            &PeerMsg::Block {
+                transfer,
+                index,
+                hash,
+            },
+        )?;
+        for (offset, n) in frame::chunks(start, end, flow.chunk_size) {
+            let rel = (offset - start) as usize;
+            buffers.frame.clear();
+            buffers
+                .frame
+                .extend_from_slice(&frame::header(transfer, offset));
+            buffers
+                .frame
+                .extend_from_slice(&buffers.block[rel..rel + n]);
+            bp.send(&buffers.frame).await?;
+        }
+        sent += len as u64;
+        ui.sent.update(|n| *n += len as u64);
         let now = now_ms();
         if now - last_progress >= PROGRESS_EVERY_MS {
             last_progress = now;
-            row.progress.set(meter.update(now, offset));
+            row.progress.set(meter.update(now, sent));
         }
-        let end = (offset + flow.read_block as u64).min(size);
-        let block = read_range(&shared.file, offset, end).await?;
-        for (rel, len) in frame::chunks(u64::from(block.length()), flow.chunk_size) {
-            // One copy per byte into WASM: straight from the read block into the frame.
-            frame_buf.resize(frame::HEADER_LEN + len, 0);
-            frame_buf[..frame::HEADER_LEN]
-                .copy_from_slice(&frame::header(shared.meta.id, offset + rel));
-            let payload = &mut frame_buf[frame::HEADER_LEN..];
-            block
-                .subarray(rel as u32, (rel as usize + len) as u32)
-                .copy_to(payload);
-            if let Some(h) = hasher.as_mut() {
-                h.update(&*payload);
-            }
-            out.send(&frame_buf).await?;
-        }
-        offset = end;
     }
-    // `hasher` is None exactly when the digest was already known.
-    let sha256 = match hasher {
-        Some(h) => {
-            let digest = hex::encode(h.finalize());
-            *shared.sha256.borrow_mut() = Some(digest.clone());
-            digest
-        }
-        None => known.unwrap_or_default(),
-    };
-    row.progress.set(meter.update(now_ms(), size));
+    row.progress.set(meter.update(now_ms(), total));
+    let hash = shared.root().await?;
     send_msg(
-        out.channel(),
-        &PeerMsg::FileEnd {
-            file: shared.meta.id,
-            size,
-            sha256,
+        bp.channel(),
+        &PeerMsg::End {
+            transfer,
+            file: job.file,
+            size: layout.size,
+            hash,
         },
-    )
+    )?;
+    Ok(())
 }
 
 async fn read_range(

@@ -1,71 +1,10 @@
-//! Page components and the small view state they share with the client code.
+//! Page components. The state they show lives in `crate::view`, written by the client code.
 
 pub mod receive;
 pub mod send;
 
 use crate::transfer::progress::{human_duration, Progress};
-use crate::transfer::{FileId, FileMeta};
 use leptos::prelude::*;
-use std::fmt;
-
-/// Where one file stands, as shown in its `file-status`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FileStatus {
-    Ready,
-    Requested,
-    Receiving,
-    Verifying,
-    Verified,
-    Failed(String),
-}
-
-impl fmt::Display for FileStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            FileStatus::Ready => f.write_str("ready"),
-            FileStatus::Requested => f.write_str("waiting for sender"),
-            FileStatus::Receiving => f.write_str("transferring"),
-            FileStatus::Verifying => f.write_str("verifying"),
-            FileStatus::Verified => f.write_str("verified"),
-            FileStatus::Failed(why) => write!(f, "failed: {why}"),
-        }
-    }
-}
-
-/// One row of a file list. Progress and status are their own signals so a row updates alone.
-#[derive(Clone, Debug)]
-pub struct FileRow {
-    pub meta: FileMeta,
-    pub progress: ArcRwSignal<Progress>,
-    pub status: ArcRwSignal<FileStatus>,
-}
-
-impl FileRow {
-    pub fn new(meta: FileMeta) -> Self {
-        let progress = Progress {
-            total: meta.size,
-            ..Progress::default()
-        };
-        Self {
-            meta,
-            progress: ArcRwSignal::new(progress),
-            status: ArcRwSignal::new(FileStatus::Ready),
-        }
-    }
-
-    pub fn id(&self) -> FileId {
-        self.meta.id
-    }
-
-    /// The name shown: path within a dropped folder, else the file name.
-    pub fn display_name(&self) -> String {
-        if self.meta.path.is_empty() {
-            self.meta.name.clone()
-        } else {
-            self.meta.path.clone()
-        }
-    }
-}
 
 /// Human-readable byte counts (binary units, one decimal).
 pub fn human_size(bytes: u64) -> String {
@@ -152,14 +91,5 @@ mod tests {
             speed: 1.0,
         };
         assert_eq!(progress_text(&done), "5 B of 5 B");
-    }
-
-    #[test]
-    fn statuses_read_as_the_tests_expect() {
-        assert_eq!(FileStatus::Verified.to_string(), "verified");
-        assert_eq!(
-            FileStatus::Failed("integrity".into()).to_string(),
-            "failed: integrity"
-        );
     }
 }

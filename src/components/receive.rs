@@ -1,92 +1,18 @@
 //! The receiver's page `/s/<share>#<secret>`: server-rendered availability, then a live file list.
 
-use super::{human_size, hydrated, progress_text, ErrorBanner, FileRow, FileStatus, ProgressLine};
+use super::{human_size, hydrated, progress_text, ErrorBanner, ProgressLine};
 use crate::transfer::progress::Progress;
 use crate::transfer::FileId;
+use crate::view::{FileRow, FileStatus, Phase, ReceiverUi};
 use leptos::prelude::*;
 use leptos_router::hooks::use_params_map;
-use std::fmt;
-
-/// Where the receiver's connection stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Phase {
-    ConnectingServer,
-    WaitingForSender,
-    ConnectingPeer,
-    /// The signaling socket dropped before the peers connected; it is being reopened.
-    Reconnecting,
-    Connected,
-    SenderGone,
-    /// ICE failed: no network path between the two browsers.
-    Unreachable,
-    /// The signaling socket could not be opened or dropped before the peers connected.
-    ServerLost(String),
-    /// Nothing a retry fixes: a bad link, a share that is gone.
-    Failed(String),
-}
-
-impl Phase {
-    /// Still on the way to the sender, so the server is needed (and reconnected to).
-    pub fn needs_server(&self) -> bool {
-        matches!(
-            self,
-            Phase::ConnectingServer
-                | Phase::WaitingForSender
-                | Phase::ConnectingPeer
-                | Phase::Reconnecting
-        )
-    }
-
-    /// Failures a fresh attempt may fix.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            Phase::SenderGone | Phase::Unreachable | Phase::ServerLost(_)
-        )
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Phase::ConnectingServer => f.write_str("Connecting…"),
-            Phase::WaitingForSender => f.write_str("Waiting for the sender…"),
-            Phase::ConnectingPeer => f.write_str("Connecting to the sender…"),
-            Phase::Reconnecting => f.write_str("Lost the server for a moment; reconnecting…"),
-            Phase::Connected => f.write_str("Connected to the sender"),
-            Phase::SenderGone => f.write_str("The sender went away"),
-            Phase::Unreachable => f.write_str(
-                "Could not connect to the sender (ICE failed): the two devices cannot reach each other",
-            ),
-            Phase::ServerLost(why) => write!(f, "Lost the connection to the server: {why}"),
-            Phase::Failed(why) => write!(f, "Connection failed: {why}"),
-        }
-    }
-}
-
-/// What the receiver's page shows; written by the client session, read by the view.
-#[derive(Clone, Copy)]
-pub struct ReceiverUi {
-    pub phase: RwSignal<Phase>,
-    pub files: RwSignal<Vec<FileRow>>,
-    pub error: RwSignal<Option<String>>,
-}
 
 /// Whether a share is live right now (asked during SSR, so the first HTML already says so).
 #[server]
 pub async fn share_available(share: String) -> Result<bool, ServerFnError> {
-    use crate::protocol::ShareId;
-    let state = use_context::<crate::server::AppState>()
-        .ok_or_else(|| ServerFnError::new("server state missing"))?;
-    let Ok(share) = share.parse::<ShareId>() else {
-        return Ok(false);
-    };
-    state
-        .broker
-        .share_owner(&share)
+    crate::server::share_is_live(&share)
         .await
-        .map(|owner| owner.is_some())
-        .map_err(|e| ServerFnError::new(e.to_string()))
+        .map_err(ServerFnError::new)
 }
 
 #[component]
@@ -137,39 +63,32 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
     };
     #[cfg(not(feature = "hydrate"))]
     let _ = share;
-    let request = move |file: FileId| {
+    // What the buttons ask of the session (which exists only in the browser).
+    #[derive(Clone, Copy)]
+    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+    enum Action {
+        Download(FileId),
+        Cancel(FileId),
+        DownloadAll,
+        Retry,
+    }
+    let act = move |action: Action| {
         #[cfg(feature = "hydrate")]
         session.with_value(|s| {
             if let Some(s) = s {
-                s.request(file);
+                match action {
+                    Action::Download(file) => s.request(file),
+                    Action::Cancel(file) => s.cancel(file),
+                    Action::DownloadAll => s.download_all(),
+                    Action::Retry => s.retry(),
+                }
             }
         });
         #[cfg(not(feature = "hydrate"))]
-        let _ = file;
+        let _ = action;
     };
     let connected = move || ui.phase.get() == Phase::Connected;
     let hydrated = hydrated();
-    let download_all = move |_| {
-        let ready: Vec<FileId> = ui.files.with_untracked(|rows| {
-            rows.iter()
-                .filter(|r| {
-                    matches!(
-                        r.status.get_untracked(),
-                        FileStatus::Ready | FileStatus::Failed(_)
-                    )
-                })
-                .map(FileRow::id)
-                .collect()
-        });
-        for file in ready {
-            request(file);
-        }
-    };
-    let retry = move |_| {
-        if let Some(window) = leptos::web_sys::window() {
-            let _ = window.location().reload();
-        }
-    };
     let total = move || {
         ui.files.with(|rows| {
             rows.iter().fold(Progress::default(), |acc, r| {
@@ -189,7 +108,7 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
             {move || ui.phase.get().to_string()}
         </p>
         <Show when=move || ui.phase.get().retryable()>
-            <button data-testid="retry" on:click=retry>"Try again"</button>
+            <button data-testid="retry" on:click=move |_| act(Action::Retry)>"Try again"</button>
         </Show>
         <ErrorBanner error=ui.error/>
         <Show when=move || !ui.files.with(Vec::is_empty)>
@@ -197,7 +116,7 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
                 <span data-testid="total-progress">
                     {move || format!("All files: {}", progress_text(&total()))}
                 </span>
-                <button data-testid="download-all" disabled=move || !connected() on:click=download_all>
+                <button data-testid="download-all" disabled=move || !connected() on:click=move |_| act(Action::DownloadAll)>
                     "Download all"
                 </button>
             </div>
@@ -208,27 +127,37 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
                     let id = row.id();
                     let status = row.status.clone();
                     let status_text = status.clone();
-                    let busy = move || {
-                        matches!(
-                            status.get(),
-                            FileStatus::Requested | FileStatus::Receiving | FileStatus::Verifying
-                        )
-                    };
+                    let busy = move || status.get().busy();
+                    let name = row.display_name();
                     view! {
                         <li class="file" data-testid="file-item">
-                            <span class="name">{row.display_name()}</span>
+                            <span class="name" data-testid="file-name">{name.clone()}</span>
                             <span class="size">{human_size(row.meta.size)}</span>
                             <ProgressLine progress=row.progress.clone()/>
                             <span class="status" data-testid="file-status">
                                 {move || status_text.get().to_string()}
                             </span>
-                            <button
-                                data-testid="download"
-                                disabled=move || !connected() || busy()
-                                on:click=move |_| request(id)
+                            <Show
+                                when=busy
+                                fallback=move || view! {
+                                    <button
+                                        data-testid="download"
+                                        disabled=move || !connected()
+                                        on:click=move |_| act(Action::Download(id))
+                                    >
+                                        "Download"
+                                    </button>
+                                }
                             >
-                                "Download"
-                            </button>
+                                <button
+                                    class="secondary"
+                                    data-testid="cancel"
+                                    aria-label=format!("Stop downloading {name}")
+                                    on:click=move |_| act(Action::Cancel(id))
+                                >
+                                    "Stop"
+                                </button>
+                            </Show>
                         </li>
                     }
                 }

@@ -1,59 +1,10 @@
 //! The sender's page: drop files, get a link, keep the tab open while receivers download.
 
-use super::{human_size, hydrated, ErrorBanner, FileRow, ProgressLine};
-use crate::protocol::PeerId;
-use crate::transfer::progress::Progress;
+use super::{human_size, hydrated, ErrorBanner, ProgressLine};
 use crate::transfer::FileId;
+use crate::view::{FileRow, SenderUi};
 use leptos::prelude::*;
 use leptos::web_sys::{self, FileList, HtmlInputElement};
-
-/// One connected receiver as the sender sees it.
-#[derive(Clone, Debug)]
-pub struct ReceiverRow {
-    pub peer: PeerId,
-    pub label: String,
-    /// "connecting", "connected", "sending <file>".
-    pub state: ArcRwSignal<String>,
-    pub progress: ArcRwSignal<Progress>,
-}
-
-impl ReceiverRow {
-    pub fn new(peer: PeerId, label: String) -> Self {
-        Self {
-            peer,
-            label,
-            state: ArcRwSignal::new("connecting".into()),
-            progress: ArcRwSignal::new(Progress::default()),
-        }
-    }
-}
-
-/// What the sender's page shows; written by the client session, read by the view.
-#[derive(Clone, Copy)]
-pub struct SenderUi {
-    pub link: RwSignal<Option<String>>,
-    pub files: RwSignal<Vec<FileRow>>,
-    pub receivers: RwSignal<Vec<ReceiverRow>>,
-    /// Receivers with an open data channel.
-    pub peers: RwSignal<usize>,
-    pub error: RwSignal<Option<String>>,
-    /// The signaling connection dropped and is being reopened: new receivers cannot join until
-    /// the share is back (connected ones are unaffected).
-    pub reconnecting: RwSignal<bool>,
-}
-
-impl SenderUi {
-    fn new() -> Self {
-        Self {
-            link: RwSignal::new(None),
-            files: RwSignal::new(Vec::new()),
-            receivers: RwSignal::new(Vec::new()),
-            peers: RwSignal::new(0),
-            error: RwSignal::new(None),
-            reconnecting: RwSignal::new(false),
-        }
-    }
-}
 
 /// The link as a QR code (SVG markup), for a phone in the same room.
 fn qr_svg(link: &str) -> Option<String> {
@@ -160,6 +111,16 @@ pub fn SendPage() -> impl IntoView {
                 <input type="file" prop:webkitdirectory=true data-testid="folder-input" on:change=on_change/>
             </label>
             <ErrorBanner error=ui.error/>
+            <Show when=move || !ui.missing.with(Vec::is_empty)>
+                <div class="notice" role="status" data-testid="missing-files">
+                    <p>
+                        "This page was reloaded: the link still works, but the browser did not keep these files. Add them again and receivers carry on where they stopped:"
+                    </p>
+                    <ul>
+                        {move || ui.missing.get().into_iter().map(|name| view! { <li>{name}</li> }).collect_view()}
+                    </ul>
+                </div>
+            </Show>
             <Show when=move || ui.reconnecting.get()>
                 <p class="notice" role="status" data-testid="server-status">
                     "Reconnecting to the server… Receivers already connected carry on; the link works again for new ones once this is back."
@@ -168,7 +129,7 @@ pub fn SendPage() -> impl IntoView {
             {move || {
                 ui.link
                     .get()
-                    .filter(|_| !ui.files.with(Vec::is_empty))
+                    .filter(|_| !ui.files.with(Vec::is_empty) || !ui.missing.with(Vec::is_empty))
                     .map(|link| {
                         let qr = qr_svg(&link).unwrap_or_default();
                         view! {
@@ -184,6 +145,10 @@ pub fn SendPage() -> impl IntoView {
                                     <p class="peers">
                                         "Receivers connected: "
                                         <strong data-testid="peer-count">{move || ui.peers.get()}</strong>
+                                        " · sent "
+                                        <strong data-testid="bytes-sent" data-bytes=move || ui.sent.get().to_string()>
+                                            {move || human_size(ui.sent.get())}
+                                        </strong>
                                     </p>
                                 </div>
                                 <div class="qr" data-testid="qr" aria-label="QR code of the share link" inner_html=qr></div>

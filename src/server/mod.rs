@@ -69,6 +69,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Whether `share` is live right now (asked by the receive page's server function while it
+/// renders, so the first HTML already says so). A malformed id is simply not live.
+pub async fn share_is_live(share: &str) -> Result<bool, String> {
+    use crate::protocol::ShareId;
+    let state = leptos::prelude::use_context::<AppState>()
+        .ok_or_else(|| "server state missing".to_string())?;
+    let Ok(share) = share.parse::<ShareId>() else {
+        return Ok(false);
+    };
+    state
+        .broker
+        .share_owner(&share)
+        .await
+        .map(|owner| owner.is_some())
+        .map_err(|e| e.to_string())
+}
+
 /// Longest a readiness probe waits on the broker backend before answering 503.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 

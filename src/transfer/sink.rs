@@ -44,8 +44,8 @@ pub enum SinkCmd {
     Forget { transfer: TransferId },
     /// Release `key`'s files, keeping them for later (paused, or the page is going away).
     Close { key: String },
-    /// Delete `key`'s files.
-    Discard { key: String },
+    /// Delete `key`'s files (in share `share`'s folder).
+    Discard { share: String, key: String },
 }
 
 /// Sink → page.
@@ -182,6 +182,18 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
         self.files.contains_key(key)
     }
 
+    /// Where an open file stands, as [`SinkEvent::Opened`] (the answer to a second `Open`).
+    pub fn status(&mut self, key: &str) -> Option<SinkEvent> {
+        let f = self.files.get_mut(key)?;
+        // Partial blocks are asked for again from their start by the next request.
+        f.incoming.forget_partial();
+        Some(SinkEvent::Opened {
+            key: key.to_owned(),
+            verified: f.incoming.verified_bytes(),
+            missing: f.incoming.missing(),
+        })
+    }
+
     /// Handles a command (every one but [`SinkCmd::Open`], which needs the browser's async file
     /// system first and ends in [`Sink::attach`]). [`SinkCmd::Close`] and [`SinkCmd::Discard`]
     /// hand back the files for the caller to close or delete.
@@ -191,9 +203,10 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
         match cmd {
             SinkCmd::Open { .. } => {}
             SinkCmd::Begin { key, transfer } => {
-                if let Some(f) = self.files.get_mut(&key) {
-                    // A new request sends whole blocks: half-received ones start over.
-                    f.incoming.forget_partial();
+                // Blocks half-received from an earlier request are forgotten when the page
+                // reopens the file (`status`), not here: a re-request of a bad block runs
+                // alongside the request still under way.
+                if self.files.contains_key(&key) {
                     self.transfers.insert(transfer, (key, 0));
                 }
             }
@@ -228,7 +241,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
             SinkCmd::Forget { transfer } => {
                 self.transfers.remove(&transfer);
             }
-            SinkCmd::Close { key } | SinkCmd::Discard { key } => {
+            SinkCmd::Close { key } | SinkCmd::Discard { key, .. } => {
                 self.transfers.retain(|_, (k, _)| *k != key);
                 released = self.files.remove(&key).map(|f| (f.data, f.record));
             }

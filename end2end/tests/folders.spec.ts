@@ -1,0 +1,155 @@
+// "Download all" on a share with folders: the tree arrives as a tree, into a chosen folder where
+// the browser has a folder picker, else as one ZIP; and a hostile sender's paths stay inside.
+import { test, expect, type BrowserContext, type Page } from '@playwright/test';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { launch, hydrated, tempDir, randomFile, writeFile, sha256, shareLink } from './browsers';
+import { BASE_URL } from '../playwright.config';
+
+/** Headless Chromium cannot show a folder picker: stand one in that "picks" an OPFS folder,
+ * which has the same FileSystemDirectoryHandle interface as a folder on disk. */
+async function pickOpfsFolder(context: BrowserContext): Promise<void> {
+  await context.addInitScript(() => {
+    (window as unknown as { showDirectoryPicker: () => Promise<FileSystemDirectoryHandle> }).showDirectoryPicker =
+      async () => (await navigator.storage.getDirectory()).getDirectoryHandle('picked', { create: true });
+  });
+}
+
+/** A browser without a folder picker (Firefox, Safari). */
+async function noFolderPicker(context: BrowserContext): Promise<void> {
+  await context.addInitScript(() => {
+    Object.defineProperty(window, 'showDirectoryPicker', { value: undefined, configurable: true });
+  });
+}
+
+/** Every file under the OPFS folder `picked` and the other top-level OPFS entries. */
+async function pickedTree(page: Page): Promise<{ files: Record<string, string>; top: string[] }> {
+  return page.evaluate(async () => {
+    const hex = (buf: ArrayBuffer) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, '0')).join('');
+    const files: Record<string, string> = {};
+    const walk = async (dir: FileSystemDirectoryHandle, prefix: string) => {
+      // @ts-expect-error: async iteration over a directory handle
+      for await (const [name, handle] of dir.entries()) {
+        if (handle.kind === 'directory') await walk(handle, `${prefix}${name}/`);
+        else files[`${prefix}${name}`] = hex(await crypto.subtle.digest('SHA-256', await (await handle.getFile()).arrayBuffer()));
+      }
+    };
+    const root = await navigator.storage.getDirectory();
+    const top: string[] = [];
+    // @ts-expect-error: async iteration over a directory handle
+    for await (const name of root.keys()) top.push(name);
+    await walk(await root.getDirectoryHandle('picked'), '');
+    return { files, top };
+  });
+}
+
+/** Entry name → SHA-256 of every file in a ZIP (Python's zipfile checks each CRC as it reads). */
+function zipContents(zip: string): Record<string, string> {
+  const script = [
+    'import hashlib, json, sys, zipfile',
+    'z = zipfile.ZipFile(sys.argv[1])',
+    'print(json.dumps({i.filename: hashlib.sha256(z.read(i)).hexdigest() for i in z.infolist()}))',
+  ].join('\n');
+  return JSON.parse(execFileSync('python3', ['-c', script, zip]).toString());
+}
+
+test('a folder with subfolders and same-named files arrives as a tree: into a chosen folder, or as one ZIP', async () => {
+  const dir = tempDir();
+  const album = path.join(dir, 'album');
+  mkdirSync(path.join(album, 'a'), { recursive: true });
+  mkdirSync(path.join(album, 'b', 'deep'), { recursive: true });
+  const files = {
+    'album/a/same.txt': writeFile(path.join(album, 'a'), 'same.txt', Buffer.from('in a\n')),
+    'album/b/same.txt': writeFile(path.join(album, 'b'), 'same.txt', Buffer.from('in b, longer\n')),
+    'album/b/deep/big.bin': randomFile(path.join(album, 'b', 'deep'), 'big.bin', 3 * 1024 * 1024 + 7),
+    'album/empty.bin': writeFile(album, 'empty.bin', Buffer.alloc(0)),
+  };
+  const want = Object.fromEntries(Object.entries(files).map(([k, p]) => [k, sha256(p)]));
+  const browsers = await Promise.all([launch(), launch(), launch()]);
+  try {
+    const sender = await (await browsers[0].newContext({ baseURL: BASE_URL })).newPage();
+    await sender.goto('/');
+    await hydrated(sender);
+    await sender.getByTestId('folder-input').setInputFiles(album);
+    await expect(sender.getByTestId('file-item')).toHaveCount(4);
+    const link = await shareLink(sender);
+
+    // A browser with a folder picker: the tree is written into the chosen folder.
+    const pickerContext = await browsers[1].newContext({ acceptDownloads: true });
+    await pickOpfsFolder(pickerContext);
+    const picker = await pickerContext.newPage();
+    await picker.goto(link);
+    await expect(picker.getByTestId('status')).toContainText('Connected');
+    await picker.getByTestId('download-all').click();
+    const statuses = picker.getByTestId('file-status');
+    for (let i = 0; i < 4; i++) await expect(statuses.nth(i)).toHaveText('verified');
+    const tree = await pickedTree(picker);
+    expect(tree.files).toEqual(want);
+
+    // Without one: one ZIP, named after the folder, holding the same tree.
+    const zipContext = await browsers[2].newContext({ acceptDownloads: true });
+    await noFolderPicker(zipContext);
+    const zipper = await zipContext.newPage();
+    await zipper.goto(link);
+    await expect(zipper.getByTestId('status')).toContainText('Connected');
+    const [zip] = await Promise.all([zipper.waitForEvent('download'), zipper.getByTestId('download-all').click()]);
+    expect(zip.suggestedFilename()).toBe('album.zip');
+    expect(zipContents(await zip.path())).toEqual(want);
+    for (let i = 0; i < 4; i++) await expect(zipper.getByTestId('file-status').nth(i)).toHaveText('verified');
+  } finally {
+    await Promise.all(browsers.map((b) => b.close()));
+  }
+});
+
+test('a hostile sender naming paths with ../ cannot write outside the chosen folder', async () => {
+  const dir = tempDir();
+  const file = randomFile(dir, 'payload.bin', 5000);
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    const senderContext = await senderBrowser.newContext({ baseURL: BASE_URL });
+    // The sender's page is tampered with: every file list it sends names a path outside.
+    await senderContext.addInitScript(() => {
+      const send = RTCDataChannel.prototype.send;
+      RTCDataChannel.prototype.send = function (this: RTCDataChannel, data: unknown) {
+        if (typeof data === 'string' && data.startsWith('{"type":"manifest"')) {
+          const msg = JSON.parse(data);
+          for (const f of msg.files) f.path = `../../../../etc/cron.d/${f.name}`;
+          data = JSON.stringify(msg);
+        }
+        return send.call(this, data as string);
+      } as typeof RTCDataChannel.prototype.send;
+    });
+    const sender = await senderContext.newPage();
+    await sender.goto('/');
+    await hydrated(sender);
+    await sender.getByTestId('file-input').setInputFiles([file]);
+    const link = await shareLink(sender);
+
+    const context = await receiverBrowser.newContext({ acceptDownloads: true });
+    await pickOpfsFolder(context);
+    const receiver = await context.newPage();
+    await receiver.goto(link);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    const item = receiver.getByTestId('file-item');
+    await expect(item.getByTestId('file-name')).toHaveText('etc/cron.d/payload.bin');
+
+    // One file: a plain download, under its bare name.
+    const [dl] = await Promise.all([receiver.waitForEvent('download'), item.getByTestId('download').click()]);
+    expect(dl.suggestedFilename()).toBe('payload.bin');
+    expect(sha256(await dl.path())).toBe(sha256(file));
+
+    // "Download all" into a folder: it lands inside it, at the made-safe path.
+    const fresh = await context.newPage();
+    await fresh.goto(link);
+    await expect(fresh.getByTestId('status')).toContainText('Connected');
+    await fresh.getByTestId('download-all').click();
+    await expect(fresh.getByTestId('file-status')).toHaveText('verified');
+    const tree = await pickedTree(fresh);
+    expect(tree.files).toEqual({ 'etc/cron.d/payload.bin': sha256(file) });
+    expect(tree.top.sort()).toEqual(['beamdrop', 'picked']);
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});
