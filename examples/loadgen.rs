@@ -1496,6 +1496,8 @@ fn classify(msg: ServerMsg, token: &str) -> Result<Got, String> {
                 SignalPayload::Offer { sdp } => (Got::Offer, sdp),
                 SignalPayload::Answer { sdp } => (Got::Answer, sdp),
                 SignalPayload::Candidate { candidate, .. } => (Got::Candidate, candidate),
+                // The load generator's handshakes are offer, answer and candidates only.
+                SignalPayload::Hello { .. } | SignalPayload::Rejected => return Ok(Got::Stale),
             };
             Ok(if text.contains(token) {
                 got
