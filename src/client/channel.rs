@@ -16,6 +16,9 @@ pub enum ChannelEvent {
     Closed,
 }
 
+/// Takes binary messages in the channel's own listener.
+pub type BinaryHandler = Box<dyn Fn(&js_sys::ArrayBuffer)>;
+
 /// Owns the channel's listeners; dropping it ends the event stream.
 pub struct Channel {
     pub dc: RtcDataChannel,
@@ -36,7 +39,7 @@ impl Channel {
         dc: RtcDataChannel,
         low_water: u32,
         high_water: u32,
-        on_binary: Option<Box<dyn Fn(&js_sys::ArrayBuffer)>>,
+        on_binary: Option<BinaryHandler>,
     ) -> (Self, UnboundedReceiver<ChannelEvent>, Backpressure) {
         dc.set_binary_type(RtcDataChannelType::Arraybuffer);
         dc.set_buffered_amount_low_threshold(low_water);

@@ -629,128 +629,151 @@ impl Drop for ReceiverSession {
 async fn run_sink(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<SinkEvent>) {
     while let Some(event) = events.next().await {
         let Some(state) = state.upgrade() else { return };
-        let mut s = state.borrow_mut();
-        match event {
-            SinkEvent::Opened {
+        let saving = on_sink_event(&mut state.borrow_mut(), event);
+        if let Some(saving) = saving {
+            saving.run(&state).await;
+        }
+    }
+}
+
+/// A finished (or, in a batch, failed) file to hand to the person, after the page's state is
+/// released: saving waits on the browser.
+struct Saving {
+    sink: Rc<SinkHandle>,
+    share: String,
+    key: String,
+    /// `None`: the file failed (a batch still needs to hear of it).
+    row: Option<FileRow>,
+    batched: bool,
+}
+
+impl Saving {
+    async fn run(self, state: &Rc<RefCell<State>>) {
+        if self.batched {
+            return batch_done(state, self.sink, self.key, self.row).await;
+        }
+        let Some(row) = self.row else { return };
+        let name = safe_name(&row.meta.name);
+        let status = match self.sink.save(&self.share, &self.key, &name).await {
+            Ok(()) => FileStatus::Verified,
+            Err(e) => FileStatus::Failed(format!("could not save: {e}")),
+        };
+        row.status.set(status);
+    }
+}
+
+fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
+    match event {
+        SinkEvent::Opened {
+            key,
+            verified,
+            missing,
+        } => {
+            let connected = s.channel.is_some();
+            let d = s.downloads.get_mut(&key)?;
+            // Opened while the connection was down: the reconnect opens it again.
+            d.opened = connected;
+            d.verified = verified;
+            d.missing = missing.clone();
+            if verified > 0 && !missing.is_empty() {
+                let percent = (verified * 100 / d.meta.size.max(1)) as u32;
+                d.row.status.set(FileStatus::Resuming(percent));
+            }
+            s.progress(&key);
+            if connected {
+                s.send_request(&key, missing);
+            }
+        }
+        SinkEvent::Stored {
+            transfer,
+            key,
+            stored,
+            verified,
+        } => {
+            // A block of a request still running (not one the page gave up on in a pause).
+            let live = s.transfers.contains_key(&transfer);
+            if let (true, Some(channel)) = (live, &s.channel) {
+                let _ = send_msg(&channel.dc, &PeerMsg::Ack { transfer, stored });
+            }
+            let d = s.downloads.get_mut(&key)?;
+            d.verified = verified;
+            if live && !matches!(d.row.status.get_untracked(), FileStatus::Receiving) {
+                d.row.status.set(FileStatus::Receiving);
+            }
+            let now = now_ms();
+            if now - d.last_progress >= PROGRESS_EVERY_MS || verified == d.meta.size {
+                d.last_progress = now;
+                d.row.progress.set(d.meter.update(now, verified));
+            }
+        }
+        SinkEvent::Bad { key, range, .. } => {
+            leptos::logging::warn!("a block of {key} did not match its hash; asking again");
+            s.send_request(&key, vec![range]);
+        }
+        SinkEvent::Incomplete { key, missing } => {
+            let idle = s
+                .downloads
+                .get_mut(&key)
+                .map(|d| {
+                    d.missing = missing.clone();
+                    d.outstanding.is_empty()
+                })
+                .unwrap_or(false);
+            if idle {
+                s.send_request(&key, missing);
+            }
+        }
+        SinkEvent::Changed { key } => {
+            let d = s.downloads.get_mut(&key)?;
+            leptos::logging::warn!(
+                "{}: the sender's file changed; fetching it whole",
+                d.meta.name
+            );
+            d.verified = 0;
+            let whole = vec![(0, d.meta.size)];
+            let idle = d.outstanding.is_empty();
+            s.progress(&key);
+            if idle {
+                s.send_request(&key, whole);
+            }
+        }
+        SinkEvent::Finished { key, .. } => {
+            let d = s.finish_download(&key)?;
+            d.row.status.set(FileStatus::Verifying);
+            d.row
+                .progress
+                .set(Meter::new(d.meta.size).update(now_ms(), d.meta.size));
+            let sink = s.sink()?;
+            let batched = s.batch.as_ref().is_some_and(|b| b.pending.contains(&key));
+            return Some(Saving {
+                sink,
+                share: s.share.to_string(),
                 key,
-                verified,
-                missing,
-            } => {
-                let connected = s.channel.is_some();
-                let Some(d) = s.downloads.get_mut(&key) else {
-                    continue;
-                };
-                // Opened while the connection was down: the reconnect opens it again.
-                d.opened = connected;
-                d.verified = verified;
-                d.missing = missing.clone();
-                if verified > 0 && !missing.is_empty() {
-                    let percent = (verified * 100 / d.meta.size.max(1)) as u32;
-                    d.row.status.set(FileStatus::Resuming(percent));
-                }
-                s.progress(&key);
-                if connected {
-                    s.send_request(&key, missing);
-                }
+                row: Some(d.row),
+                batched,
+            });
+        }
+        SinkEvent::Failed { key, message } => {
+            if let Some(d) = s.finish_download(&key) {
+                d.row.status.set(FileStatus::Failed(message));
             }
-            SinkEvent::Stored {
-                transfer,
-                key,
-                stored,
-                verified,
-            } => {
-                // A block of a request still running (not one the page gave up on in a pause).
-                let live = s.transfers.contains_key(&transfer);
-                if let (true, Some(channel)) = (live, &s.channel) {
-                    let _ = send_msg(&channel.dc, &PeerMsg::Ack { transfer, stored });
-                }
-                let Some(d) = s.downloads.get_mut(&key) else {
-                    continue;
-                };
-                d.verified = verified;
-                if live && !matches!(d.row.status.get_untracked(), FileStatus::Receiving) {
-                    d.row.status.set(FileStatus::Receiving);
-                }
-                let now = now_ms();
-                if now - d.last_progress >= PROGRESS_EVERY_MS || verified == d.meta.size {
-                    d.last_progress = now;
-                    d.row.progress.set(d.meter.update(now, verified));
-                }
-            }
-            SinkEvent::Bad { key, range, .. } => {
-                leptos::logging::warn!("a block of {key} did not match its hash; asking again");
-                s.send_request(&key, vec![range]);
-            }
-            SinkEvent::Incomplete { key, missing } => {
-                let idle = s
-                    .downloads
-                    .get_mut(&key)
-                    .map(|d| {
-                        d.missing = missing.clone();
-                        d.outstanding.is_empty()
-                    })
-                    .unwrap_or(false);
-                if idle {
-                    s.send_request(&key, missing);
-                }
-            }
-            SinkEvent::Changed { key } => {
-                let Some(d) = s.downloads.get_mut(&key) else {
-                    continue;
-                };
-                leptos::logging::warn!(
-                    "{}: the sender's file changed; fetching it whole",
-                    d.meta.name
-                );
-                d.verified = 0;
-                let whole = vec![(0, d.meta.size)];
-                let idle = d.outstanding.is_empty();
-                s.progress(&key);
-                if idle {
-                    s.send_request(&key, whole);
-                }
-            }
-            SinkEvent::Finished { key, .. } => {
-                let Some(d) = s.finish_download(&key) else {
-                    continue;
-                };
-                d.row.status.set(FileStatus::Verifying);
-                d.row
-                    .progress
-                    .set(Meter::new(d.meta.size).update(now_ms(), d.meta.size));
-                let (Some(sink), share) = (s.sink(), s.share.to_string()) else {
-                    continue;
-                };
-                let batched = s.batch.as_ref().is_some_and(|b| b.pending.contains(&key));
-                drop(s);
-                if batched {
-                    batch_done(&state, sink, key, Some(d.row)).await;
-                    continue;
-                }
-                let name = safe_name(&d.meta.name);
-                let status = match sink.save(&share, &key, &name).await {
-                    Ok(()) => FileStatus::Verified,
-                    Err(e) => FileStatus::Failed(format!("could not save: {e}")),
-                };
-                d.row.status.set(status);
-            }
-            SinkEvent::Failed { key, message } => {
-                if let Some(d) = s.finish_download(&key) {
-                    d.row.status.set(FileStatus::Failed(message));
-                }
-                let Some(sink) = s.sink() else { continue };
-                sink.command(SinkCmd::Discard {
+            let sink = s.sink()?;
+            sink.command(SinkCmd::Discard {
+                share: s.share.to_string(),
+                key: key.clone(),
+            });
+            if s.batch.as_ref().is_some_and(|b| b.pending.contains(&key)) {
+                return Some(Saving {
+                    sink,
                     share: s.share.to_string(),
-                    key: key.clone(),
+                    key,
+                    row: None,
+                    batched: true,
                 });
-                let batched = s.batch.as_ref().is_some_and(|b| b.pending.contains(&key));
-                drop(s);
-                if batched {
-                    batch_done(&state, sink, key, None).await;
-                }
             }
         }
     }
+    None
 }
 
 async fn run_signaling(state: Weak<RefCell<State>>, mut events: impl Stream<Item = Event> + Unpin) {

@@ -813,6 +813,28 @@ async fn send_to_receiver(
     }
 }
 
+/// Bytes sent, shown on the page at the progress rate (and whatever is left when a request ends,
+/// however it ends), not once per block.
+struct SentCounter {
+    ui: SenderUi,
+    unpublished: u64,
+}
+
+impl SentCounter {
+    fn publish(&mut self) {
+        if self.unpublished > 0 {
+            let n = std::mem::take(&mut self.unpublished);
+            self.ui.sent.update(|sent| *sent += n);
+        }
+    }
+}
+
+impl Drop for SentCounter {
+    fn drop(&mut self) {
+        self.publish();
+    }
+}
+
 /// Reused between blocks: one block read into WASM memory, one frame being built.
 #[derive(Default)]
 struct Buffers {
@@ -851,6 +873,7 @@ async fn send_job(
     row.state.set(format!("sending {}", shared.meta.name));
     row.progress.set(meter.update(last_progress, 0));
     let mut sent = 0u64;
+    let mut counted = SentCounter { ui, unpublished: 0 };
     for &index in &job.blocks {
         // The receiver's disk sets the pace: stay within the window of what it has stored.
         while !out.borrow().within_window(transfer, sent, flow.window) {
@@ -903,11 +926,12 @@ async fn send_job(
             bp.send(&buffers.frame).await?;
         }
         sent += len as u64;
-        ui.sent.update(|n| *n += len as u64);
+        counted.unpublished += len as u64;
         let now = now_ms();
         if now - last_progress >= PROGRESS_EVERY_MS {
             last_progress = now;
             row.progress.set(meter.update(now, sent));
+            counted.publish();
         }
     }
     row.progress.set(meter.update(now_ms(), total));

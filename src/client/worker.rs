@@ -76,7 +76,7 @@ impl Storage for OpfsData {
 }
 
 impl DataStore for OpfsData {
-    fn len(&mut self) -> Result<u64, TransferError> {
+    fn stored_len(&mut self) -> Result<u64, TransferError> {
         Ok(self.handle.get_size().map_err(storage_error)? as u64)
     }
 

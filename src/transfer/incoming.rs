@@ -93,7 +93,9 @@ pub enum BlockEvent {
 #[derive(Clone)]
 enum Block {
     Missing,
-    Receiving(Partial),
+    /// Boxed: a block hasher is ~2 KB and a 30 GB file has 30,000 blocks, nearly all of them
+    /// missing or verified at any moment.
+    Receiving(Box<Partial>),
     Verified(BlockHash),
 }
 
@@ -210,7 +212,7 @@ impl Incoming {
         match block {
             Block::Verified(_) => Ok(None),
             Block::Missing => {
-                *block = Block::Receiving(Partial::new(&self.layout, index, Some(hash)));
+                *block = Block::Receiving(Box::new(Partial::new(&self.layout, index, Some(hash))));
                 Ok(None)
             }
             Block::Receiving(p) => {
@@ -248,7 +250,7 @@ impl Incoming {
         let layout = self.layout;
         let block = &mut self.blocks[index as usize];
         if matches!(block, Block::Missing) {
-            *block = Block::Receiving(Partial::new(&layout, index, None));
+            *block = Block::Receiving(Box::new(Partial::new(&layout, index, None)));
         }
         let Block::Receiving(p) = block else {
             return Err(TransferError::Overlap { offset, end });

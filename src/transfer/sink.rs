@@ -99,7 +99,8 @@ pub trait RecordStore {
 
 /// A file's bytes, which can also say how many there are.
 pub trait DataStore: Storage {
-    fn len(&mut self) -> Result<u64, TransferError>;
+    /// How many bytes the file holds now.
+    fn stored_len(&mut self) -> Result<u64, TransferError>;
     fn truncate(&mut self, len: u64) -> Result<(), TransferError>;
 }
 
@@ -143,7 +144,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
             size,
             block: self.block,
         };
-        let stored_len = data.len()?;
+        let stored_len = data.stored_len()?;
         let kept = record::decode(&record.read_all()?)
             .ok()
             .and_then(|(h, entries)| {
@@ -394,7 +395,7 @@ pub mod memory {
     }
 
     impl DataStore for MemoryData {
-        fn len(&mut self) -> Result<u64, TransferError> {
+        fn stored_len(&mut self) -> Result<u64, TransferError> {
             Ok(self.len)
         }
         fn truncate(&mut self, len: u64) -> Result<(), TransferError> {
