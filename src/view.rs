@@ -205,6 +205,9 @@ pub struct SenderUi {
     /// Files this share offered before the page was reloaded that have not been added again
     /// (the browser gave no lasting access to them): their names, for the page to ask for.
     pub missing: RwSignal<Vec<String>>,
+    /// Dropped items kept from before the reload whose files the browser lets the page read
+    /// again once the person allows it (a button asks).
+    pub restorable: RwSignal<usize>,
     /// The signaling connection dropped and is being reopened: new receivers cannot join until
     /// the share is back (connected ones are unaffected).
     pub reconnecting: RwSignal<bool>,
@@ -220,6 +223,7 @@ impl SenderUi {
             sent: RwSignal::new(0),
             error: RwSignal::new(None),
             missing: RwSignal::new(Vec::new()),
+            restorable: RwSignal::new(0),
             reconnecting: RwSignal::new(false),
         }
     }

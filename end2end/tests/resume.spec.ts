@@ -2,6 +2,7 @@
 // verified file, and only what was missing crosses again.
 import { test, expect, type Page, type BrowserContext } from '@playwright/test';
 import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink } from './browsers';
+import { BASE_URL } from '../playwright.config';
 
 const MiB = 1024 * 1024;
 
@@ -211,6 +212,75 @@ test('a sender that reloads keeps its link; the receiver resumes once the file i
     const sent = await bytesSent(sender);
     console.log(`sender reload at ≥33 %: the reloaded sender sent ${(sent / MiB).toFixed(1)} MiB of ${size / MiB} MiB`);
     expect(sent).toBeLessThan(size * 0.67 + 8 * MiB);
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});
+
+test('a sender that reloads reads its dropped files again by itself where the browser keeps their handles', async () => {
+  const size = 24 * MiB;
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    const senderContext = await senderBrowser.newContext({ baseURL: BASE_URL });
+    // Headless drops carry no File System Access handles; stand them in with OPFS files, which
+    // have the same interface (and are always readable, as a granted handle is).
+    await senderContext.addInitScript(() => {
+      const handles = new Map<string, FileSystemFileHandle>();
+      (window as unknown as { __handles: typeof handles }).__handles = handles;
+      Object.defineProperty(DataTransferItem.prototype, 'getAsFileSystemHandle', {
+        configurable: true,
+        value: function (this: DataTransferItem) {
+          const file = this.getAsFile();
+          return Promise.resolve((file && handles.get(file.name)) ?? null);
+        },
+      });
+    });
+    const sender = await senderContext.newPage();
+    await sender.goto('/');
+    await hydrated(sender);
+    // The "file on disk": 24 MiB of random bytes in an OPFS file, and its SHA-256.
+    const digest = await sender.evaluate(async (size) => {
+      const root = await navigator.storage.getDirectory();
+      const handle = await root.getFileHandle('dropped-24MiB.bin', { create: true });
+      const writable = await handle.createWritable();
+      const chunk = new Uint8Array(65536);
+      for (let at = 0; at < size; at += chunk.length) {
+        crypto.getRandomValues(chunk);
+        await writable.write(chunk);
+      }
+      await writable.close();
+      (window as unknown as { __handles: Map<string, FileSystemFileHandle> }).__handles.set('dropped-24MiB.bin', handle);
+      const bytes = await (await handle.getFile()).arrayBuffer();
+      return [...new Uint8Array(await crypto.subtle.digest('SHA-256', bytes))].map((b) => b.toString(16).padStart(2, '0')).join('');
+    }, size);
+    const dataTransfer = await sender.evaluateHandle(async () => {
+      const root = await navigator.storage.getDirectory();
+      const file = await (await root.getFileHandle('dropped-24MiB.bin')).getFile();
+      const dt = new DataTransfer();
+      dt.items.add(file);
+      return dt;
+    });
+    await sender.getByTestId('drop-zone').dispatchEvent('drop', { dataTransfer });
+    await expect(sender.getByTestId('file-item')).toHaveCount(1);
+    const link = await shareLink(sender);
+
+    const receiver = await openPage(receiverBrowser, link);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    const item = receiver.getByTestId('file-item').filter({ hasText: 'dropped-24MiB.bin' });
+    const download = receiver.waitForEvent('download', { timeout: 120_000 });
+    await item.getByTestId('download').click();
+    await until('a third of the file', async () => (await fraction(receiver, 'dropped-24MiB.bin')) >= 0.33);
+
+    // Reload: the page reads the dropped file again through its kept handle, unasked.
+    await sender.reload();
+    await hydrated(sender);
+    await expect(sender.getByTestId('file-item')).toHaveCount(1);
+    await expect(sender.getByTestId('missing-files')).toHaveCount(0);
+    const saved = await (await download).path();
+    expect(sha256(saved)).toBe(digest);
+    await expect(item.getByTestId('file-status')).toHaveText('verified');
+    expect(await bytesSent(sender)).toBeLessThan(size * 0.67 + 8 * MiB);
   } finally {
     await senderBrowser.close();
     await receiverBrowser.close();

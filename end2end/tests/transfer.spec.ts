@@ -84,3 +84,29 @@ test('the sender leaving is shown to the receiver', async () => {
     await receiverBrowser.close();
   }
 });
+
+test('a browser with no storage worker receives in memory, still block by block and verified', async () => {
+  const dir = tempDir();
+  const files = [randomFile(dir, 'in-memory.bin', 3 * 1024 * 1024 + 5), writeFile(dir, 'small.txt', Buffer.from('hello\n'))];
+  const senderBrowser = await launch();
+  const receiverBrowser = await launch();
+  try {
+    const sender = await openPage(senderBrowser, '/');
+    await hydrated(sender);
+    await sender.getByTestId('file-input').setInputFiles(files);
+    const url = (await sender.getByTestId('share-link').getAttribute('href'))!;
+    const context = await receiverBrowser.newContext({ acceptDownloads: true });
+    // No module workers here (as in some embedded browsers): the page must fall back.
+    await context.addInitScript(() => Object.defineProperty(window, 'Worker', { value: undefined }));
+    const receiver = await context.newPage();
+    await receiver.goto(url);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    for (const file of files) {
+      const one = await download(receiver, path.basename(file));
+      expect(sha256(one.saved)).toBe(sha256(file));
+    }
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});

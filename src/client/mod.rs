@@ -3,6 +3,7 @@
 //! events at once (gloo `EventListener`s, released on drop); the logic is async Rust.
 
 pub mod channel;
+pub mod handles;
 pub mod opfs;
 pub mod picker;
 pub mod receiver;

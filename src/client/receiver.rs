@@ -41,8 +41,10 @@ use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::{spawn_local, JsFuture};
 use web_sys::{FileSystemDirectoryHandle, RtcPeerConnectionState};
 
-/// Progress is pushed to the page at most this often (ms) while bytes stream in.
-const PROGRESS_EVERY_MS: f64 = 100.0;
+/// Progress is pushed to the page at most this often (ms) while bytes stream in. Twice a second: measured
+/// with `scripts/bench-transfer` at 1 GiB, redrawing progress ten times a second cost the two
+/// browsers ~20 CPU-ms per MB more than the raw page (0.80× its speed), once a second ~1.0×.
+const PROGRESS_EVERY_MS: f64 = 500.0;
 
 /// How often (and how many times) a share the server does not know (yet) is joined again: its
 /// sender may be reconnecting (up to ~5 s backoff, plus its reclaim). After a reconnect of ours,
@@ -78,8 +80,8 @@ struct Download {
     meta: FileMeta,
     /// Still present in the sender's list.
     offered: bool,
-    /// The sink has the file open and said what is missing.
-    opened: bool,
+    /// Where the sink stands with the file.
+    open: OpenState,
     missing: Vec<ByteRange>,
     verified: u64,
     /// Requests sent and not ended.
@@ -103,6 +105,20 @@ struct Batch {
     /// Finished, waiting to go into the ZIP.
     done: Vec<(String, FileRow)>,
 }
+
+/// A download's file in the sink. Only a few are open at a time: a share of a thousand files
+/// should not hold two thousand file handles while the sender serves one file after another.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpenState {
+    Closed,
+    /// `open` sent, its answer not back yet.
+    Opening,
+    /// Open, and asked for what it misses on the current connection.
+    Open,
+}
+
+/// Downloads whose files are open in the sink at once.
+const MAX_OPEN: usize = 4;
 
 enum SinkState {
     None,
@@ -210,7 +226,7 @@ impl State {
         }
         for d in self.downloads.values_mut() {
             d.outstanding.clear();
-            d.opened = false;
+            d.open = OpenState::Closed;
         }
     }
 
@@ -250,23 +266,35 @@ impl State {
     fn open_downloads(&mut self) {
         let Some(sink) = self.sink() else { return };
         let share = self.share.to_string();
-        for (key, d) in &self.downloads {
-            if d.offered && !d.opened {
+        let mut busy = self
+            .downloads
+            .values()
+            .filter(|d| d.open != OpenState::Closed)
+            .count();
+        for (key, d) in &mut self.downloads {
+            if busy >= MAX_OPEN {
+                break;
+            }
+            if d.offered && d.open == OpenState::Closed {
                 sink.command(SinkCmd::Open {
                     share: share.clone(),
                     key: key.clone(),
                     name: d.meta.name.clone(),
                     size: d.meta.size,
                 });
+                d.open = OpenState::Opening;
+                busy += 1;
             }
         }
     }
 
+    /// Takes a download off the list (done, failed or stopped); the next waiting one opens.
     fn finish_download(&mut self, key: &str) -> Option<Download> {
         let d = self.downloads.remove(key)?;
         for t in &d.outstanding {
             self.transfers.remove(t);
         }
+        self.open_downloads();
         Some(d)
     }
 
@@ -560,7 +588,7 @@ fn start_download(state: &Rc<RefCell<State>>, row: FileRow) {
             meta: row.meta.clone(),
             row,
             offered: true,
-            opened: false,
+            open: OpenState::Closed,
             missing: Vec::new(),
             verified: 0,
             outstanding: HashSet::new(),
@@ -672,7 +700,11 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             let connected = s.channel.is_some();
             let d = s.downloads.get_mut(&key)?;
             // Opened while the connection was down: the reconnect opens it again.
-            d.opened = connected;
+            d.open = if connected {
+                OpenState::Open
+            } else {
+                OpenState::Closed
+            };
             d.verified = verified;
             d.missing = missing.clone();
             if verified > 0 && !missing.is_empty() {
@@ -710,11 +742,19 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             leptos::logging::warn!("a block of {key} did not match its hash; asking again");
             s.send_request(&key, vec![range]);
         }
-        SinkEvent::Incomplete { key, missing } => {
+        // A request is over once the sink has taken its last frame (the page hears the sender's
+        // `end` sooner than the worker gets through the frames before it): only then does a block
+        // still missing need asking for again.
+        SinkEvent::Incomplete {
+            key,
+            transfer,
+            missing,
+        } => {
             let idle = s
                 .downloads
                 .get_mut(&key)
                 .map(|d| {
+                    d.outstanding.remove(&transfer);
                     d.missing = missing.clone();
                     d.outstanding.is_empty()
                 })
@@ -723,8 +763,9 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
                 s.send_request(&key, missing);
             }
         }
-        SinkEvent::Changed { key } => {
+        SinkEvent::Changed { key, transfer } => {
             let d = s.downloads.get_mut(&key)?;
+            d.outstanding.remove(&transfer);
             leptos::logging::warn!(
                 "{}: the sender's file changed; fetching it whole",
                 d.meta.name
@@ -1200,11 +1241,9 @@ fn on_peer_msg(s: &mut State, state: &Rc<RefCell<State>>, msg: PeerMsg) {
             hash,
             ..
         } => {
-            let Some(key) = s.transfers.remove(&transfer) else {
+            // Still outstanding until the sink has taken the frames before this (its answer).
+            if s.transfers.remove(&transfer).is_none() {
                 return;
-            };
-            if let Some(d) = s.downloads.get_mut(&key) {
-                d.outstanding.remove(&transfer);
             }
             if let Some(sink) = s.sink() {
                 sink.command(SinkCmd::End {

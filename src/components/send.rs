@@ -57,6 +57,14 @@ pub fn SendPage() -> impl IntoView {
         #[cfg(not(feature = "hydrate"))]
         let _ = file;
     };
+    let restore_files = move || {
+        #[cfg(feature = "hydrate")]
+        session.with_value(|s| {
+            if let Some(s) = s {
+                s.restore_files();
+            }
+        });
+    };
     let copy_link = move |_| {
         let Some(link) = ui.link.get_untracked() else {
             return;
@@ -119,6 +127,11 @@ pub fn SendPage() -> impl IntoView {
                     <ul>
                         {move || ui.missing.get().into_iter().map(|name| view! { <li>{name}</li> }).collect_view()}
                     </ul>
+                    <Show when=move || { ui.restorable.get() > 0 }>
+                        <button data-testid="restore-files" on:click=move |_| restore_files()>
+                            "Allow this page to read the dropped files again"
+                        </button>
+                    </Show>
                 </div>
             </Show>
             <Show when=move || ui.reconnecting.get()>

@@ -85,7 +85,7 @@ impl Storage for MemoryStorage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BlockEvent {
     /// Block `index` is complete and matches its announced hash.
-    Verified { index: u32 },
+    Verified { index: u32, hash: BlockHash },
     /// Block `index` is complete and does not: its bytes were forgotten; fetch it again.
     Bad { index: u32 },
 }
@@ -292,7 +292,10 @@ impl Incoming {
         if computed == expected {
             self.blocks[index as usize] = Block::Verified(computed);
             self.verified += self.layout.len(index);
-            BlockEvent::Verified { index }
+            BlockEvent::Verified {
+                index,
+                hash: computed,
+            }
         } else {
             self.blocks[index as usize] = Block::Missing;
             BlockEvent::Bad { index }
@@ -435,7 +438,13 @@ mod tests {
         let mut mem = MemoryStorage::new(src.layout.size).unwrap();
         for (i, index) in [3u32, 0, 5, 1, 4, 2].into_iter().enumerate() {
             let events = receive_block(&mut inc, &mut mem, &src, index, i % 2 == 1);
-            assert_eq!(events, vec![BlockEvent::Verified { index }]);
+            assert_eq!(
+                events,
+                vec![BlockEvent::Verified {
+                    index,
+                    hash: src.hash(index)
+                }]
+            );
         }
         assert!(inc.is_complete());
         assert_eq!(inc.root(), Some(src.root()));
@@ -470,7 +479,10 @@ mod tests {
         // Fetched again: now it verifies, and so does the file.
         assert_eq!(
             receive_block(&mut inc, &mut mem, &src, 1, false),
-            vec![BlockEvent::Verified { index: 1 }]
+            vec![BlockEvent::Verified {
+                index: 1,
+                hash: src.hash(1)
+            }]
         );
         assert!(inc.check(src.layout.size, src.root()).is_ok());
     }
@@ -485,7 +497,10 @@ mod tests {
         }
         assert_eq!(
             inc.expect(1, src.hash(1)).unwrap(),
-            Some(BlockEvent::Verified { index: 1 })
+            Some(BlockEvent::Verified {
+                index: 1,
+                hash: src.hash(1)
+            })
         );
         let mut wrong = src.hash(0);
         wrong.0[0] ^= 1;
@@ -539,7 +554,10 @@ mod tests {
         // The new request sends the block from its start: no overlap error.
         assert_eq!(
             receive_block(&mut inc, &mut mem, &src, 0, false),
-            vec![BlockEvent::Verified { index: 0 }]
+            vec![BlockEvent::Verified {
+                index: 0,
+                hash: src.hash(0)
+            }]
         );
     }
 
@@ -598,7 +616,10 @@ mod tests {
         let mut mem = MemoryStorage::new(src.layout.size).unwrap();
         assert_eq!(
             receive_block(&mut inc, &mut mem, &src, 0, false),
-            vec![BlockEvent::Verified { index: 0 }]
+            vec![BlockEvent::Verified {
+                index: 0,
+                hash: src.hash(0)
+            }]
         );
         assert!(inc.check(src.layout.size, src.root()).is_ok());
         assert_eq!(

@@ -73,18 +73,19 @@ pub enum SinkEvent {
         key: String,
         range: ByteRange,
     },
-    /// `transfer` ended but blocks are missing (a bad one is being fetched again, or frames were
-    /// lost with a connection).
+    /// `transfer` ended (the sink has taken all its frames) but blocks are missing: a bad one is
+    /// being fetched again, or frames were lost with a connection.
     Incomplete {
         key: String,
+        transfer: TransferId,
         missing: Vec<ByteRange>,
     },
     /// `key` is whole and its hash is the sender's; its files are closed, ready to be saved.
     Finished { key: String, hash: BlockHash },
     /// The whole file did not hash to the sender's value although every block matched the
     /// hashes sent for it: blocks kept from an earlier session came from another file. All of
-    /// it was dropped; request it again.
-    Changed { key: String },
+    /// it was dropped; request it again. Said at the end of `transfer`.
+    Changed { key: String, transfer: TransferId },
     /// Storage failed for `key`; it was closed.
     Failed { key: String, message: String },
 }
@@ -236,7 +237,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
                 hash,
             } => {
                 if let Some((key, _)) = self.transfers.remove(&transfer) {
-                    events.extend(self.end(&key, size, hash));
+                    events.extend(self.end(&key, transfer, size, hash));
                 }
             }
             SinkCmd::Forget { transfer } => {
@@ -251,7 +252,13 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
     }
 
     /// The end of a transfer of `key`: the whole file is checked once every block is in.
-    fn end(&mut self, key: &str, size: u64, hash: BlockHash) -> Vec<SinkEvent> {
+    fn end(
+        &mut self,
+        key: &str,
+        transfer: TransferId,
+        size: u64,
+        hash: BlockHash,
+    ) -> Vec<SinkEvent> {
         let Some(f) = self.files.get_mut(key) else {
             return Vec::new();
         };
@@ -262,6 +269,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
             }],
             Err(TransferError::Incomplete { .. }) => vec![SinkEvent::Incomplete {
                 key: key.to_owned(),
+                transfer,
                 missing: f.incoming.missing(),
             }],
             Err(TransferError::Integrity) => {
@@ -273,6 +281,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
                 match reset {
                     Ok(()) => vec![SinkEvent::Changed {
                         key: key.to_owned(),
+                        transfer,
                     }],
                     Err(e) => vec![self.fail(key, &e)],
                 }
@@ -313,16 +322,9 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
         };
         let layout = f.incoming.layout();
         match event {
-            BlockEvent::Verified { index } => {
-                let hash = f
-                    .incoming
-                    .verified_blocks()
-                    .find(|&(i, _)| i == index)
-                    .map(|(_, h)| h);
-                if let Some(hash) = hash {
-                    if let Err(e) = f.record.append(&record::encode_entry(index, &hash)) {
-                        return vec![self.fail(key, &e)];
-                    }
+            BlockEvent::Verified { index, hash } => {
+                if let Err(e) = f.record.append(&record::encode_entry(index, &hash)) {
+                    return vec![self.fail(key, &e)];
                 }
                 let verified = f.incoming.verified_bytes();
                 let stored = self.transfers.get_mut(&transfer).map(|(_, stored)| {
@@ -554,6 +556,7 @@ mod tests {
             events.last(),
             Some(&SinkEvent::Incomplete {
                 key: "k".into(),
+                transfer: TransferId(1),
                 missing: vec![(BLOCK, 2 * BLOCK)]
             })
         );
@@ -669,7 +672,13 @@ mod tests {
             transfer: TransferId(2),
         });
         let events = send(&mut sink, &new, TransferId(2), [1, 2], None);
-        assert_eq!(events.last(), Some(&SinkEvent::Changed { key: "k".into() }));
+        assert_eq!(
+            events.last(),
+            Some(&SinkEvent::Changed {
+                key: "k".into(),
+                transfer: TransferId(2)
+            })
+        );
         sink.command(SinkCmd::Begin {
             key: "k".into(),
             transfer: TransferId(3),
@@ -719,6 +728,7 @@ mod tests {
         assert_eq!(serde_json::from_str::<SinkCmd>(&text).unwrap(), cmd);
         let ev = SinkEvent::Incomplete {
             key: "k".into(),
+            transfer: TransferId(4),
             missing: vec![(0, 5)],
         };
         let text = serde_json::to_string(&ev).unwrap();
