@@ -83,3 +83,13 @@ export async function shareLink(sender: Page): Promise<string> {
   await link.waitFor();
   return (await link.getAttribute('href'))!;
 }
+
+/** Polls `check` until it holds (errors count as not yet), or fails after `ms`. */
+export async function until(what: string, check: () => Promise<boolean>, ms = 20_000, every = 100): Promise<void> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await check().catch(() => false)) return;
+    await new Promise((r) => setTimeout(r, every));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}

@@ -15,7 +15,7 @@ import { test, expect } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
-import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink } from './browsers';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until } from './browsers';
 import { frontDoor, type FrontDoor } from './proxy';
 
 const ROOT = path.join(__dirname, '..', '..');
@@ -29,15 +29,6 @@ function freePort(): Promise<number> {
       s.close(() => resolve(port));
     });
   });
-}
-
-async function until(what: string, check: () => Promise<boolean>, ms = 20_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (await check().catch(() => false)) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 function exited(child: ChildProcess): Promise<number | null> {

@@ -1,7 +1,7 @@
 // Transfers that survive: a reloaded receiver, a cut connection and a damaged block all end in a
 // verified file, and only what was missing crosses again.
 import { test, expect, type Page, type BrowserContext } from '@playwright/test';
-import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink } from './browsers';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until } from './browsers';
 import { BASE_URL } from '../playwright.config';
 
 const MiB = 1024 * 1024;
@@ -50,15 +50,6 @@ async function bytesSent(sender: Page): Promise<number> {
   return Number(await sender.getByTestId('bytes-sent').getAttribute('data-bytes'));
 }
 
-async function until(what: string, check: () => Promise<boolean>, ms = 60_000): Promise<void> {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (await check().catch(() => false)) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`timed out waiting for ${what}`);
-}
-
 test('a receiver reloaded mid-transfer resumes where it stopped: verified, and little sent twice', async () => {
   const size = 64 * MiB;
   const dir = tempDir();
@@ -77,7 +68,7 @@ test('a receiver reloaded mid-transfer resumes where it stopped: verified, and l
     await expect(receiver.getByTestId('status')).toContainText('Connected');
     const item = receiver.getByTestId('file-item').filter({ hasText: 'resume-64MiB.bin' });
     await item.getByTestId('download').click();
-    await until('a third of the file', async () => (await fraction(receiver, 'resume-64MiB.bin')) >= 0.33);
+    await until('a third of the file', async () => (await fraction(receiver, 'resume-64MiB.bin')) >= 0.33, 60_000, 50);
 
     // Reload: the page starts from nothing but what it left in OPFS.
     const download = receiver.waitForEvent('download', { timeout: 120_000 });
@@ -123,7 +114,7 @@ test('a connection cut mid-transfer comes back by itself and the file completes'
     const item = receiver.getByTestId('file-item').filter({ hasText: 'cut-48MiB.bin' });
     const download = receiver.waitForEvent('download', { timeout: 120_000 });
     await item.getByTestId('download').click();
-    await until('a quarter of the file', async () => (await fraction(receiver, 'cut-48MiB.bin')) >= 0.25);
+    await until('a quarter of the file', async () => (await fraction(receiver, 'cut-48MiB.bin')) >= 0.25, 60_000, 50);
 
     // Cut it: the sender's peer connection to this receiver closes under it.
     const closed = await sender.evaluate(() => {
@@ -192,7 +183,7 @@ test('a sender that reloads keeps its link; the receiver resumes once the file i
     const item = receiver.getByTestId('file-item').filter({ hasText: 'sender-reload.bin' });
     const download = receiver.waitForEvent('download', { timeout: 120_000 });
     await item.getByTestId('download').click();
-    await until('a third of the file', async () => (await fraction(receiver, 'sender-reload.bin')) >= 0.33);
+    await until('a third of the file', async () => (await fraction(receiver, 'sender-reload.bin')) >= 0.33, 60_000, 50);
 
     // The sender's tab reloads: same link, and the page asks for the file it lost.
     await sender.reload();
@@ -270,7 +261,7 @@ test('a sender that reloads reads its dropped files again by itself where the br
     const item = receiver.getByTestId('file-item').filter({ hasText: 'dropped-24MiB.bin' });
     const download = receiver.waitForEvent('download', { timeout: 120_000 });
     await item.getByTestId('download').click();
-    await until('a third of the file', async () => (await fraction(receiver, 'dropped-24MiB.bin')) >= 0.33);
+    await until('a third of the file', async () => (await fraction(receiver, 'dropped-24MiB.bin')) >= 0.33, 60_000, 50);
 
     // Reload: the page reads the dropped file again through its kept handle, unasked.
     await sender.reload();

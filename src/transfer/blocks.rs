@@ -202,19 +202,8 @@ pub fn file_hash(data: &[u8]) -> BlockHash {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_data as data;
     use super::*;
-
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn hashes(layout: &Layout, src: &[u8]) -> Vec<BlockHash> {
         (0..layout.count())

@@ -368,21 +368,10 @@ fn hash_from_storage(
 mod tests {
     use super::super::blocks::{block_hash, file_hash};
     use super::super::frame;
+    use super::super::test_data as data;
     use super::*;
 
     const BLOCK: u64 = 4096;
-
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     /// A sender's view of `src`: every block's hash, and its frames block by block.
     struct Source {

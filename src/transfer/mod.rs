@@ -208,6 +208,20 @@ pub enum TransferError {
     Storage(String),
 }
 
+/// Deterministic pseudo-random bytes (xorshift), so tests need no fixtures.
+#[cfg(test)]
+pub(crate) fn test_data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
