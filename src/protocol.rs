@@ -131,6 +131,15 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
+impl IceServer {
+    /// Whether it offers a relay (a `turn:` or `turns:` URL), not only STUN.
+    pub fn relays(&self) -> bool {
+        self.urls
+            .iter()
+            .any(|u| u.starts_with("turn:") || u.starts_with("turns:"))
+    }
+}
+
 /// Client → server.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -157,6 +166,11 @@ pub enum ServerMsg {
     /// First message on every connection: this connection's identity and the ICE servers to use.
     Welcome {
         you: PeerId,
+        ice_servers: Vec<IceServer>,
+    },
+    /// Fresh ICE servers (new TURN credentials, sent before the welcome's expire): for
+    /// connections made and ICE restarts done from now on.
+    IceServers {
         ice_servers: Vec<IceServer>,
     },
     /// The new share, and the token that lets this page reclaim it after a reconnect.
@@ -412,6 +426,19 @@ mod tests {
                 },
                 json!({"type": "welcome", "you": "00000000-0000-0000-0000-000000000002",
                        "ice_servers": [{"urls": ["stun:127.0.0.1:3478"]}]}),
+            ),
+            (
+                ServerMsg::IceServers {
+                    ice_servers: vec![IceServer {
+                        urls: vec!["turn:198.18.0.1:3478?transport=tcp".into()],
+                        username: Some("1700000600:00000000-0000-0000-0000-000000000002".into()),
+                        credential: Some("c2VjcmV0".into()),
+                    }],
+                },
+                json!({"type": "ice_servers", "ice_servers": [{
+                    "urls": ["turn:198.18.0.1:3478?transport=tcp"],
+                    "username": "1700000600:00000000-0000-0000-0000-000000000002",
+                    "credential": "c2VjcmV0"}]}),
             ),
             (
                 ServerMsg::ShareCreated {

@@ -4,7 +4,7 @@
 use crate::protocol::IceServer;
 use clap::Parser;
 use serde::Deserialize;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,6 +23,73 @@ pub struct Config {
     /// header (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
     pub limits: Limits,
+    /// The built-in STUN/TURN server and the short-lived TURN credentials handed to every peer.
+    /// Absent: neither (browsers get only `ice_servers`).
+    pub turn: Option<TurnConfig>,
+}
+
+/// `[turn]`: relaying for browsers that cannot reach each other directly.
+///
+/// Credentials follow the TURN REST convention (`username = <expiry>:<peer id>`, `credential =
+/// base64(HMAC-SHA1(secret, username))`), so the same section also drives an external coturn run
+/// with `use-auth-secret` and `static-auth-secret = <secret>`: leave `listen` out and list its
+/// URLs in `urls`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TurnConfig {
+    /// Where the built-in server listens for STUN and TURN, UDP and TCP on the same port
+    /// (3478 is the standard one). None: no built-in server, only `urls` are handed out.
+    pub listen: Option<SocketAddr>,
+    /// The address browsers reach the server at, put in relay candidates and in the URLs handed
+    /// out. Needed when `listen` is a wildcard address.
+    pub public_ip: Option<IpAddr>,
+    pub realm: String,
+    /// Relay ports, inclusive: one UDP port per allocation.
+    pub relay_ports: [u16; 2],
+    /// Shared secret of the credentials (coturn's `static-auth-secret`); every node handing out
+    /// credentials for the same TURN servers needs the same one. Empty: a random secret per start
+    /// (fine for one node with the built-in server). Also `BEAMDROP_TURN_SECRET`.
+    pub secret: String,
+    /// ICE server URLs handed out with the credentials. Empty with `listen` set: the built-in
+    /// server's `stun:`, `turn:` over UDP and `turn:` over TCP at `public_ip`.
+    pub urls: Vec<String>,
+    /// How long a credential may start new allocations, in seconds. Allocations made in time
+    /// live on (refreshed by the browser) up to `max_allocation_secs`.
+    pub credential_ttl_secs: u64,
+    /// Live allocations one peer id may hold (a browser makes one per network interface and
+    /// transport, and new ones on an ICE restart).
+    pub max_allocations_per_peer: usize,
+    /// Relayed bytes per second per allocation, each direction; packets over it are dropped
+    /// (UDP semantics: the peers' congestion control slows down). 0 = no limit.
+    pub max_relay_bytes_per_sec: u64,
+    /// Longest life of one allocation, in seconds, however often it is refreshed.
+    pub max_allocation_secs: u64,
+    /// Relay to and from loopback, private, link-local and other non-public addresses. Off: the
+    /// relay must not become a way into the server's own network. Tests on one machine need it.
+    pub allow_private_peers: bool,
+    /// TURN-over-TCP connections at once, in all and from one client IP.
+    pub max_tcp_connections: usize,
+    pub max_tcp_connections_per_ip: usize,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            public_ip: None,
+            realm: "beamdrop".into(),
+            relay_ports: [49152, 65535],
+            secret: String::new(),
+            urls: Vec::new(),
+            credential_ttl_secs: 600,
+            max_allocations_per_peer: 10,
+            max_relay_bytes_per_sec: 32 * 1024 * 1024,
+            max_allocation_secs: 12 * 3600,
+            allow_private_peers: false,
+            max_tcp_connections: 4096,
+            max_tcp_connections_per_ip: 32,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -61,6 +128,7 @@ impl Default for Config {
             ice_servers: Vec::new(),
             allowed_origins: Vec::new(),
             limits: Limits::default(),
+            turn: None,
         }
     }
 }
@@ -119,6 +187,13 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
+    /// Secret of the TURN credentials (see `[turn]` in the config file).
+    #[arg(
+        long = "turn-secret",
+        env = "BEAMDROP_TURN_SECRET",
+        hide_env_values = true
+    )]
+    pub turn_secret: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +244,9 @@ impl Config {
         }
         if !cli.allowed_origins.is_empty() {
             config.allowed_origins = cli.allowed_origins.clone();
+        }
+        if let (Some(turn), Some(secret)) = (config.turn.as_mut(), &cli.turn_secret) {
+            turn.secret = secret.clone();
         }
         Ok(config)
     }
@@ -228,6 +306,38 @@ mod tests {
             ),
             (16, 200, 50, 100, 64)
         );
+    }
+
+    #[test]
+    fn the_turn_section_is_optional_and_documented_with_its_defaults() {
+        assert_eq!(Config::default().turn, None);
+        let config = Config::from_toml(
+            r#"
+            [turn]
+            listen = "0.0.0.0:3478"
+            public_ip = "198.18.0.1"
+            relay_ports = [50000, 50999]
+            "#,
+        )
+        .unwrap();
+        let turn = config.turn.unwrap();
+        assert_eq!(turn.listen, Some("0.0.0.0:3478".parse().unwrap()));
+        assert_eq!(turn.public_ip, Some("198.18.0.1".parse().unwrap()));
+        assert_eq!(turn.relay_ports, [50000, 50999]);
+        assert_eq!(turn.credential_ttl_secs, 600);
+        assert!(!turn.allow_private_peers);
+        // The commented example in the shipped file, uncommented, is the defaults.
+        let shipped = include_str!("../../Leptos.toml");
+        let section: String = shipped
+            .lines()
+            .skip_while(|l| !l.starts_with("# [turn]"))
+            .take_while(|l| l.starts_with('#'))
+            .map(|l| l.trim_start_matches('#').trim_start())
+            .filter(|l| !l.starts_with("listen") && !l.starts_with("public_ip"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let example = Config::from_toml(&section).unwrap().turn.unwrap();
+        assert_eq!(example, TurnConfig::default());
     }
 
     #[test]

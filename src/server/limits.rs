@@ -111,7 +111,7 @@ impl Drop for IpSlot {
 
 /// The address a cap applies to: IPv4 as is (IPv4-mapped IPv6 too), IPv6 by its /64, since one
 /// host commonly holds a whole /64.
-fn ip_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);

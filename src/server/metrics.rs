@@ -75,11 +75,37 @@ labels! {
     }
 }
 
+labels! {
+    /// What the built-in TURN server refused or dropped.
+    TurnRefusal {
+        /// A username that is not `<expiry>:<peer id>`.
+        BadUsername => "bad_username",
+        /// A new allocation with an expired credential.
+        Expired => "expired",
+        /// A peer over its live allocations.
+        AllocationQuota => "allocation_quota",
+        /// A packet to or from a loopback, private or link-local address (dropped).
+        PrivatePeer => "private_peer",
+        /// A packet over its allocation's bytes per second (dropped).
+        RateLimited => "rate_limited",
+        /// An allocation at its longest life.
+        Lifetime => "lifetime",
+        /// No free port in `relay_ports`.
+        NoRelayPort => "no_relay_port",
+        /// A TURN-over-TCP connection over the caps.
+        TcpCap => "tcp_cap",
+        /// A TCP stream carrying something else than STUN or ChannelData (cut).
+        TcpFraming => "tcp_framing",
+    }
+}
+
 /// Gauges kept up by [`GaugeGuard`]s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gauge {
     PeersConnected,
     Shares,
+    /// Live relay allocations on this node's TURN server.
+    TurnAllocations,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +121,10 @@ pub struct Metrics {
     rejections: [AtomicU64; Rejection::COUNT],
     disconnects: [AtomicU64; Disconnect::COUNT],
     joins: [AtomicU64; JoinOutcome::COUNT],
+    turn_allocations: AtomicI64,
+    turn_allocations_made: AtomicU64,
+    turn_relayed_bytes: AtomicU64,
+    turn_refusals: [AtomicU64; TurnRefusal::COUNT],
 }
 
 /// Holds a gauge up by one while it lives: dropped on every exit path, panics and aborts included.
@@ -115,6 +145,7 @@ impl Metrics {
         match gauge {
             Gauge::PeersConnected => &self.peers_connected,
             Gauge::Shares => &self.shares,
+            Gauge::TurnAllocations => &self.turn_allocations,
         }
     }
 
@@ -140,6 +171,28 @@ impl Metrics {
     }
 
     /// A WebSocket upgrade was accepted.
+    pub fn turn_refuse(&self, why: TurnRefusal) {
+        self.turn_refusals[why as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn turn_refusals(&self, why: TurnRefusal) -> u64 {
+        self.turn_refusals[why as usize].load(Relaxed)
+    }
+
+    /// A relay allocation was made.
+    pub fn turn_allocation(&self) {
+        self.turn_allocations_made.fetch_add(1, Relaxed);
+    }
+
+    /// Bytes relayed (either direction).
+    pub fn turn_relayed(&self, bytes: usize) {
+        self.turn_relayed_bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    pub fn turn_relayed_bytes(&self) -> u64 {
+        self.turn_relayed_bytes.load(Relaxed)
+    }
+
     pub fn connection(&self) {
         self.connections.fetch_add(1, Relaxed);
     }
@@ -202,10 +255,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            );
+            single_into(&mut out, name, kind, help, value)
         };
         single(
             "beamdrop_peers_connected",
@@ -280,8 +330,45 @@ impl Metrics {
             "outcome",
             JoinOutcome::ALL.iter().map(|j| (j.label(), self.joins(*j))),
         );
+        single_into(
+            &mut out,
+            "beamdrop_turn_allocations",
+            "gauge",
+            "Live relay allocations on this node's TURN server.",
+            self.turn_allocations.load(Relaxed).to_string(),
+        );
+        single_into(
+            &mut out,
+            "beamdrop_turn_allocations_total",
+            "counter",
+            "Relay allocations made.",
+            self.turn_allocations_made.load(Relaxed).to_string(),
+        );
+        single_into(
+            &mut out,
+            "beamdrop_turn_relayed_bytes_total",
+            "counter",
+            "Bytes relayed between browsers and their peers, both directions.",
+            self.turn_relayed_bytes().to_string(),
+        );
+        labelled(
+            &mut out,
+            "beamdrop_turn_refusals_total",
+            "TURN requests refused and relayed packets dropped, by reason.",
+            "reason",
+            TurnRefusal::ALL
+                .iter()
+                .map(|r| (r.label(), self.turn_refusals(*r))),
+        );
         out
     }
+}
+
+fn single_into(out: &mut String, name: &str, kind: &str, help: &str, value: String) {
+    let _ = write!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    );
 }
 
 fn labelled<'a>(
@@ -311,6 +398,9 @@ mod tests {
         }
         for (i, j) in JoinOutcome::ALL.iter().enumerate() {
             assert_eq!(*j as usize, i);
+        }
+        for (i, t) in TurnRefusal::ALL.iter().enumerate() {
+            assert_eq!(*t as usize, i);
         }
     }
 
@@ -351,6 +441,9 @@ mod tests {
         m.join(JoinOutcome::NoSuchShare);
         m.message_relayed();
         m.share_reclaimed();
+        let _relay = m.track(Gauge::TurnAllocations);
+        m.turn_relayed(1200);
+        m.turn_refuse(TurnRefusal::PrivatePeer);
         let text = m.render();
         for line in [
             "# TYPE beamdrop_peers_connected gauge",
@@ -365,6 +458,11 @@ mod tests {
             "beamdrop_disconnects_total{cause=\"rate_limited\"} 1",
             "beamdrop_joins_total{outcome=\"no_such_share\"} 1",
             "beamdrop_backend_errors_total 0",
+            "# TYPE beamdrop_turn_allocations gauge",
+            "beamdrop_turn_allocations 1",
+            "beamdrop_turn_relayed_bytes_total 1200",
+            "beamdrop_turn_refusals_total{reason=\"private_peer\"} 1",
+            "beamdrop_turn_refusals_total{reason=\"expired\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

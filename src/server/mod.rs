@@ -5,6 +5,7 @@ pub mod config;
 pub mod limits;
 pub mod metrics;
 mod read_ahead;
+pub mod turn;
 mod ws;
 
 use crate::app::{shell, App};
@@ -34,6 +35,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Open sockets per client IP, for `limits.max_connections_per_ip`.
     pub ip_connections: Arc<limits::IpConnections>,
+    /// TURN credentials for each peer's `welcome`, when `[turn]` is configured.
+    pub turn: Option<Arc<turn::credentials::Issuer>>,
 }
 
 impl AppState {
@@ -45,6 +48,7 @@ impl AppState {
             config: Arc::new(config),
             metrics: Arc::default(),
             ip_connections,
+            turn: None,
         }
     }
 }
@@ -123,6 +127,8 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 pub enum StartError {
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    #[error(transparent)]
+    Turn(#[from] turn::TurnError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -133,6 +139,9 @@ pub enum StartError {
 /// A server running on its own task.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The built-in STUN/TURN server's address (UDP and TCP), when it runs.
+    pub turn_addr: Option<SocketAddr>,
+    turn: Option<turn::Turn>,
     broker: DynBroker,
     stop: watch::Sender<bool>,
     task: JoinHandle<std::io::Result<()>>,
@@ -144,10 +153,14 @@ impl RunningServer {
         let _ = self.stop.send(true);
         // Every socket task hears it through its inbox.
         self.broker.close();
-        match self.task.await {
+        let result = match self.task.await {
             Ok(result) => result,
             Err(e) => Err(std::io::Error::other(e)),
+        };
+        if let Some(turn) = &self.turn {
+            turn.close().await;
         }
+        result
     }
 }
 
@@ -180,7 +193,13 @@ pub async fn start(
         source,
     })?;
     let (stop, shutdown) = watch::channel(false);
-    let state = AppState::new(leptos_options, broker.clone(), config);
+    let turn_config = config.turn.clone();
+    let mut state = AppState::new(leptos_options, broker.clone(), config);
+    let turn = match &turn_config {
+        Some(c) => Some(turn::Turn::start(c, state.metrics.clone()).await?),
+        None => None,
+    };
+    state.turn = turn.as_ref().map(|t| Arc::new(t.issuer.clone()));
     // The peer address feeds the per-IP connection cap.
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     // Signaling is small messages that must go out at once: without TCP_NODELAY, Nagle's algorithm
@@ -197,6 +216,8 @@ pub async fn start(
     });
     Ok(RunningServer {
         addr,
+        turn_addr: turn.as_ref().and_then(|t| t.addr),
+        turn,
         broker,
         stop,
         task,

@@ -10,10 +10,11 @@ use super::broker::{BrokerError, DynBroker, Registration, ShareLease};
 use super::config::{Config, Limits};
 use super::limits::{origin_allowed, IpSlot, TokenBucket};
 use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
+use super::turn::credentials::Issuer;
 use super::AppState;
 use crate::protocol::{
-    close_code, decode_client_msg, ClaimToken, ClientMsg, DecodeError, ErrorCode, PeerId,
-    ServerMsg, ShareId,
+    close_code, decode_client_msg, ClaimToken, ClientMsg, DecodeError, ErrorCode, IceServer,
+    PeerId, ServerMsg, ShareId,
 };
 use axum::extract::connect_info::ConnectInfo;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -81,6 +82,7 @@ pub async fn handler(
         broker: state.broker,
         config: state.config,
         metrics: state.metrics,
+        turn: state.turn,
         ip_slot: slot,
     };
     // A small read buffer instead of tungstenite's zero-filled 128 KiB: signaling frames are
@@ -108,6 +110,8 @@ struct Conn {
     broker: DynBroker,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Mints this peer's TURN credentials for its `welcome`.
+    turn: Option<Arc<Issuer>>,
     /// Held for the socket's whole life: the slot goes back when the task ends.
     ip_slot: Option<IpSlot>,
 }
@@ -269,6 +273,15 @@ struct Pacing {
     last_heard: Instant,
 }
 
+/// The ICE servers of the config, then this peer's own TURN credentials.
+fn ice_servers_for(peer: PeerId, config: &Config, turn: Option<&Issuer>) -> Vec<IceServer> {
+    let mut servers = config.ice_servers.clone();
+    if let Some(issuer) = turn {
+        servers.push(issuer.ice_server(peer, std::time::SystemTime::now()));
+    }
+    servers
+}
+
 /// The socket task. Not an `async fn`: its arguments are captured by the returned future as
 /// they are, where an `async fn` would keep a second copy of each (rust-lang/rust#62958).
 fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = ()> {
@@ -276,6 +289,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         broker,
         config,
         metrics,
+        turn,
         ip_slot,
     } = conn;
     async move {
@@ -313,7 +327,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         tracing::info!("peer connected");
         let welcome = json_frame(&ServerMsg::Welcome {
             you: peer,
-            ice_servers: config.ice_servers.clone(),
+            ice_servers: ice_servers_for(peer, &config, turn.as_deref()),
         });
         if !send_within(&mut socket, welcome, limits.idle_timeout()).await {
             return;
@@ -321,6 +335,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         // A timer in the task itself (an `Interval` would box one), re-armed at every tick.
         let ping = sleep(limits.ping_interval());
         tokio::pin!(ping);
+        let mut ice_refresh_at = turn.as_ref().map(|i| Instant::now() + i.refresh_every());
         let mut pacing = Pacing {
             bucket: TokenBucket::new(
                 limits.rate_limit_burst,
@@ -353,8 +368,19 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                 Step::Send(frame) => frame,
                 Step::Wait => continue,
                 Step::Ping => {
-                    ping.as_mut().reset(Instant::now() + limits.ping_interval());
-                    Message::Ping(Default::default())
+                    let now = Instant::now();
+                    ping.as_mut().reset(now + limits.ping_interval());
+                    match (&turn, ice_refresh_at) {
+                        // Fresh TURN credentials before the last ones expire; a text frame
+                        // keeps the socket alive as a ping would.
+                        (Some(issuer), Some(at)) if now >= at => {
+                            ice_refresh_at = Some(now + issuer.refresh_every());
+                            json_frame(&ServerMsg::IceServers {
+                                ice_servers: ice_servers_for(peer, &config, Some(issuer)),
+                            })
+                        }
+                        _ => Message::Ping(Default::default()),
+                    }
                 }
                 Step::End(exit) => break exit,
             };
