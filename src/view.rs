@@ -106,8 +106,11 @@ pub enum Phase {
     Paused(PauseWhy),
     /// Reconnecting was given up on (the sender did not come back in minutes).
     SenderGone,
-    /// ICE failed: no network path between the two browsers.
-    Unreachable,
+    /// ICE failed: no network path between the two browsers (`relay_offered`: not even through
+    /// a TURN relay the server handed out).
+    Unreachable {
+        relay_offered: bool,
+    },
     /// The signaling socket could not be opened or dropped before the peers connected.
     ServerLost(String),
     /// Nothing a retry fixes: a bad link, a share that is gone.
@@ -135,7 +138,7 @@ impl Phase {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Phase::SenderGone | Phase::Unreachable | Phase::ServerLost(_)
+            Phase::SenderGone | Phase::Unreachable { .. } | Phase::ServerLost(_)
         )
     }
 }
@@ -153,8 +156,18 @@ impl fmt::Display for Phase {
                 "Paused — the sender went away; waiting for them to come back (what arrived is kept)",
             ),
             Phase::SenderGone => f.write_str("The sender went away"),
-            Phase::Unreachable => f.write_str(
-                "Could not connect to the sender (ICE failed): the two devices cannot reach each other",
+            Phase::Unreachable {
+                relay_offered: false,
+            } => f.write_str(
+                "Could not connect to the sender: the two devices cannot reach each other \
+                 directly (a strict NAT or firewall is in the way), and this server offers no \
+                 relay (TURN) to go through instead",
+            ),
+            Phase::Unreachable {
+                relay_offered: true,
+            } => f.write_str(
+                "Could not connect to the sender: the two devices cannot reach each other, not \
+                 even through the server's relay",
             ),
             Phase::ServerLost(why) => write!(f, "Lost the connection to the server: {why}"),
             Phase::Failed(why) => write!(f, "Connection failed: {why}"),
@@ -168,6 +181,25 @@ pub struct ReceiverUi {
     pub phase: RwSignal<Phase>,
     pub files: RwSignal<Vec<FileRow>>,
     pub error: RwSignal<Option<String>>,
+    /// How the connection to the sender travels, once it is up.
+    pub path: RwSignal<Option<NetPath>>,
+}
+
+/// How a peer connection's bytes travel: straight between the two browsers, or through the
+/// server's TURN relay (from the selected ICE candidate pair).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetPath {
+    Direct,
+    Relayed,
+}
+
+impl fmt::Display for NetPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetPath::Direct => "Direct",
+            NetPath::Relayed => "Relayed through the server",
+        })
+    }
 }
 
 /// One connected receiver as the sender sees it.
@@ -178,6 +210,7 @@ pub struct ReceiverRow {
     /// "connecting", "connected", "sending <file>".
     pub state: ArcRwSignal<String>,
     pub progress: ArcRwSignal<Progress>,
+    pub path: ArcRwSignal<Option<NetPath>>,
 }
 
 impl ReceiverRow {
@@ -187,6 +220,7 @@ impl ReceiverRow {
             label,
             state: ArcRwSignal::new("connecting".into()),
             progress: ArcRwSignal::new(Progress::default()),
+            path: ArcRwSignal::new(None),
         }
     }
 }

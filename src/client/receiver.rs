@@ -57,6 +57,9 @@ const REJOIN_TRIES: u32 = 12;
 /// the sender is the same (the server introduces a pair once); if the sender has reconnected
 /// under a new peer id (its old one can no longer signal), this reaches the new one.
 const STALLED_JOIN_MS: u32 = 10_000;
+/// How many of those a connection whose ICE is still checking gets before joining again (ICE
+/// gives up on its own well within that).
+const STALLED_JOIN_ROUNDS: u32 = 6;
 
 /// After a broken connection: attempts to reach the sender again, 500 ms doubling to 5 s,
 /// jittered, for about three minutes (a sender's page reloading, a laptop waking up).
@@ -845,6 +848,13 @@ async fn run_signaling(state: Weak<RefCell<State>>, mut events: impl Stream<Item
 
 async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
     match msg {
+        ServerMsg::IceServers { ice_servers } => {
+            let mut s = state.borrow_mut();
+            if let Some(link) = &s.link {
+                link.set_ice_servers(&ice_servers);
+            }
+            s.ice_servers = ice_servers;
+        }
         ServerMsg::Welcome { you, ice_servers } => {
             let mut s = state.borrow_mut();
             s.ice_servers = ice_servers;
@@ -884,14 +894,29 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
             s.hello();
             let (generation, weak) = (s.join_generation, Rc::downgrade(state));
             spawn_local(async move {
-                gloo_timers::future::TimeoutFuture::new(STALLED_JOIN_MS).await;
-                let Some(state) = weak.upgrade() else { return };
-                let s = state.borrow();
-                let stalled = s.join_generation == generation
-                    && s.channel.is_none()
-                    && s.ui.phase.get_untracked() == Phase::ConnectingPeer;
-                if stalled {
-                    s.join();
+                // While ICE is still checking candidate pairs it ends by itself, in a channel or
+                // in a failure the page explains; joining again would restart it and the page
+                // would spin forever where no path exists. So only an attempt that went nowhere
+                // (no offer came, or ICE never started) is retried, and one still checking after
+                // the last round is retried too, in case its connection is wedged.
+                for round in 1..=STALLED_JOIN_ROUNDS {
+                    gloo_timers::future::TimeoutFuture::new(STALLED_JOIN_MS).await;
+                    let Some(state) = weak.upgrade() else { return };
+                    let s = state.borrow();
+                    let waiting = s.join_generation == generation
+                        && s.channel.is_none()
+                        && s.ui.phase.get_untracked() == Phase::ConnectingPeer;
+                    if !waiting {
+                        return;
+                    }
+                    let checking = s
+                        .link
+                        .as_ref()
+                        .is_some_and(|link| link.state() == RtcPeerConnectionState::Connecting);
+                    if !checking || round == STALLED_JOIN_ROUNDS {
+                        s.join();
+                        return;
+                    }
                 }
             });
         }
@@ -1149,7 +1174,16 @@ async fn watch_link(
                 state.borrow_mut().channel = Some(channel);
                 spawn_local(run_channel(Rc::downgrade(&state), events));
             }
-            LinkEvent::State(RtcPeerConnectionState::Connected) => restarted = false,
+            LinkEvent::State(RtcPeerConnectionState::Connected) => {
+                restarted = false;
+                let path = state.borrow().ui.path;
+                let link = Rc::downgrade(&link);
+                spawn_local(async move {
+                    if let Some(link) = link.upgrade() {
+                        path.set(link.path().await);
+                    }
+                });
+            }
             LinkEvent::State(RtcPeerConnectionState::Disconnected) => {
                 // Often back by itself within seconds; if not, restart ICE on this connection.
                 let weak_link = Rc::downgrade(&link);
@@ -1176,7 +1210,8 @@ async fn watch_link(
                     pause(&mut s, &state);
                 } else {
                     s.link = None;
-                    s.ui.phase.set(Phase::Unreachable);
+                    let relay_offered = s.ice_servers.iter().any(IceServer::relays);
+                    s.ui.phase.set(Phase::Unreachable { relay_offered });
                 }
                 return;
             }

@@ -6,9 +6,11 @@ use super::signaling::Signaling;
 use super::ClientError;
 use crate::protocol::{ClientMsg, IceServer, PeerId, SignalPayload};
 use crate::seal::ShareKey;
+use crate::view::NetPath;
 use futures::channel::mpsc::{unbounded, UnboundedReceiver};
 use gloo_events::EventListener;
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
@@ -60,6 +62,25 @@ pub fn open_payload(
     serde_json::from_str(&plain).map_err(|e| ClientError::BadPayload(e.to_string()))
 }
 
+fn configuration(ice_servers: &[IceServer]) -> RtcConfiguration {
+    let config = RtcConfiguration::new();
+    let servers = js_sys::Array::new();
+    for s in ice_servers {
+        let server = RtcIceServer::new();
+        let urls: js_sys::Array = s.urls.iter().map(|u| JsValue::from_str(u)).collect();
+        server.set_urls(&urls);
+        if let Some(u) = &s.username {
+            server.set_username(u);
+        }
+        if let Some(c) = &s.credential {
+            server.set_credential(c);
+        }
+        servers.push(&server);
+    }
+    config.set_ice_servers(&servers);
+    config
+}
+
 pub struct RtcLink {
     pc: RtcPeerConnection,
     outbox: Outbox,
@@ -73,22 +94,7 @@ impl RtcLink {
         outbox: Outbox,
         ice_servers: &[IceServer],
     ) -> Result<(Self, UnboundedReceiver<LinkEvent>), ClientError> {
-        let config = RtcConfiguration::new();
-        let servers = js_sys::Array::new();
-        for s in ice_servers {
-            let server = RtcIceServer::new();
-            let urls: js_sys::Array = s.urls.iter().map(|u| JsValue::from_str(u)).collect();
-            server.set_urls(&urls);
-            if let Some(u) = &s.username {
-                server.set_username(u);
-            }
-            if let Some(c) = &s.credential {
-                server.set_credential(c);
-            }
-            servers.push(&server);
-        }
-        config.set_ice_servers(&servers);
-        let pc = RtcPeerConnection::new_with_configuration(&config)?;
+        let pc = RtcPeerConnection::new_with_configuration(&configuration(ice_servers))?;
 
         let (events, rx) = unbounded();
         let on_candidate = {
@@ -131,6 +137,13 @@ impl RtcLink {
         ))
     }
 
+    /// Fresh ICE servers (TURN credentials) for the next ICE restart on this connection.
+    pub fn set_ice_servers(&self, ice_servers: &[IceServer]) {
+        if let Err(e) = self.pc.set_configuration_with_configuration(&configuration(ice_servers)) {
+            leptos::logging::warn!("could not update the ICE servers: {e:?}");
+        }
+    }
+
     /// An ordered, reliable channel (sender side; create before the offer).
     pub fn create_channel(&self, label: &str) -> RtcDataChannel {
         let init = RtcDataChannelInit::new();
@@ -158,6 +171,52 @@ impl RtcLink {
         self.set_local(RtcSdpType::Offer, &sdp).await?;
         self.outbox.send(&SignalPayload::Offer { sdp });
         Ok(())
+    }
+
+    /// How this connection's bytes travel now, from the selected candidate pair in
+    /// `getStats()`: relayed when either end of it is a TURN relay candidate. `None` before a
+    /// pair is selected (or if the browser's stats say nothing usable).
+    pub async fn path(&self) -> Option<NetPath> {
+        let report = JsFuture::from(self.pc.get_stats()).await.ok()?;
+        let mut stats = HashMap::new();
+        for entry in js_sys::try_iter(&report).ok()?? {
+            let entry: js_sys::Array = entry.ok()?.dyn_into().ok()?;
+            if let Some(id) = entry.get(0).as_string() {
+                stats.insert(id, entry.get(1));
+            }
+        }
+        let text = |stat: &JsValue, key: &str| {
+            js_sys::Reflect::get(stat, &JsValue::from_str(key))
+                .ok()
+                .and_then(|v| v.as_string())
+        };
+        let is = |stat: &JsValue, kind: &str| text(stat, "type").as_deref() == Some(kind);
+        let selected = stats
+            .values()
+            .filter(|s| is(s, "transport"))
+            .find_map(|t| text(t, "selectedCandidatePairId"))
+            .and_then(|id| stats.get(&id))
+            .or_else(|| {
+                stats.values().find(|s| {
+                    is(s, "candidate-pair")
+                        && text(s, "state").as_deref() == Some("succeeded")
+                        && js_sys::Reflect::get(s, &JsValue::from_str("nominated"))
+                            .is_ok_and(|v| v.is_truthy())
+                })
+            })?;
+        let end = |key: &str| {
+            text(selected, key)
+                .and_then(|id| stats.get(&id))
+                .and_then(|c| text(c, "candidateType"))
+        };
+        let relayed = [end("localCandidateId"), end("remoteCandidateId")]
+            .iter()
+            .any(|t| t.as_deref() == Some("relay"));
+        Some(if relayed {
+            NetPath::Relayed
+        } else {
+            NetPath::Direct
+        })
     }
 
     pub fn state(&self) -> RtcPeerConnectionState {

@@ -563,6 +563,13 @@ async fn run_signaling(
 
 async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
     match msg {
+        ServerMsg::IceServers { ice_servers } => {
+            let mut s = state.borrow_mut();
+            for r in s.receivers.values() {
+                r.link.set_ice_servers(&ice_servers);
+            }
+            s.ice_servers = ice_servers;
+        }
         ServerMsg::Welcome { you, ice_servers } => {
             let mut s = state.borrow_mut();
             s.me = Some(you);
@@ -754,6 +761,17 @@ async fn watch_link(
 ) {
     while let Some(event) = events.next().await {
         match event {
+            LinkEvent::State(RtcPeerConnectionState::Connected) => {
+                let Some(l) = link.upgrade() else { return };
+                let path = l.path().await;
+                if let Some(state) = state.upgrade() {
+                    if let Some(r) = state.borrow().receivers.get(&peer) {
+                        if Rc::ptr_eq(&r.link, &l) {
+                            r.row.path.set(path);
+                        }
+                    }
+                }
+            }
             LinkEvent::State(RtcPeerConnectionState::Closed) => {
                 if let Some(state) = state.upgrade() {
                     drop_if_current(&state, peer, &link);

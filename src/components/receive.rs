@@ -48,6 +48,7 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
         phase: RwSignal::new(Phase::ConnectingServer),
         files: RwSignal::new(Vec::new()),
         error: RwSignal::new((!available).then(|| UNAVAILABLE.to_string())),
+        path: RwSignal::new(None),
     };
 
     #[cfg(feature = "hydrate")]
@@ -106,6 +107,12 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
     view! {
         <p class="phase" data-testid="status" data-hydrated=move || hydrated.get().to_string()>
             {move || ui.phase.get().to_string()}
+            {move || {
+                ui.path
+                    .get()
+                    .filter(|_| ui.phase.get() == Phase::Connected)
+                    .map(|path| view! { " · " <span class="path" data-testid="path">{path.to_string()}</span> })
+            }}
         </p>
         <Show when=move || ui.phase.get().retryable()>
             <button data-testid="retry" on:click=move |_| act(Action::Retry)>"Try again"</button>

@@ -196,10 +196,14 @@ pub fn SendPage() -> impl IntoView {
                     <For each=move || ui.receivers.get() key=|r| r.peer let:r>
                         {
                             let state = r.state.clone();
+                            let path = r.path.clone();
                             view! {
                                 <li class="receiver" data-testid="receiver">
                                     <span class="name">{r.label.clone()}</span>
-                                    <span class="status">{move || state.get()}</span>
+                                    <span class="status">
+                                        {move || state.get()}
+                                        {move || path.get().map(|p| view! { " · " <span class="path" data-testid="path">{p.to_string()}</span> })}
+                                    </span>
                                     <ProgressLine progress=r.progress.clone()/>
                                 </li>
                             }
