@@ -71,3 +71,13 @@ need_redis() {
   # redis-server for the multi-node broker tests (each test starts its own on a free port).
   need_apt redis-server redis-server
 }
+
+need_netns_tools() {
+  # The NAT end-to-end test (end2end/tests/nat.spec.ts, topology in end2end/nat/netns.sh) builds
+  # network namespaces with `ip` and NAT routers with `nft`, and reaches the server inside its
+  # namespace with curl. Both tools live in /usr/sbin.
+  case ":$PATH:" in *:/usr/sbin:*) ;; *) export PATH="$PATH:/usr/sbin:/sbin" ;; esac
+  need_apt ip iproute2
+  need_apt nft nftables
+  need_apt curl curl
+}
