@@ -32,7 +32,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // Site paths and output name come from cargo-leptos (compiled in, overridable by LEPTOS_* vars).
     let leptos_options = get_configuration(None)?.leptos_options;
     let server = server::start(config, leptos_options).await?;
-    tracing::info!("listening on http://{}", server.addr);
+    match &server.tls_fingerprint {
+        None => tracing::info!("listening on http://{}", server.addr),
+        Some(fingerprint) => {
+            tracing::info!("listening on https://{}", server.addr);
+            // Printed, not only logged: a person compares it with what the browser shows
+            // before trusting a self-signed certificate.
+            println!("TLS certificate SHA-256 fingerprint: {fingerprint}");
+        }
+    }
     shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await?;

@@ -5,6 +5,8 @@ pub mod config;
 pub mod limits;
 pub mod metrics;
 mod read_ahead;
+mod serve;
+pub mod tls;
 pub mod turn;
 mod ws;
 
@@ -13,7 +15,6 @@ use axum::extract::{FromRef, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use broker::DynBroker;
 use config::Config;
@@ -129,6 +130,8 @@ pub enum StartError {
     Broker(#[from] broker::BrokerError),
     #[error(transparent)]
     Turn(#[from] turn::TurnError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -139,6 +142,8 @@ pub enum StartError {
 /// A server running on its own task.
 pub struct RunningServer {
     pub addr: SocketAddr,
+    /// The serving certificate's SHA-256 fingerprint when serving HTTPS (None: plain HTTP).
+    pub tls_fingerprint: Option<String>,
     /// The built-in STUN/TURN server's address (UDP and TCP), when it runs.
     pub turn_addr: Option<SocketAddr>,
     turn: Option<turn::Turn>,
@@ -181,41 +186,43 @@ pub async fn start(
     config: Config,
     leptos_options: LeptosOptions,
 ) -> Result<RunningServer, StartError> {
+    let tls = match &config.tls {
+        None => None,
+        Some(c) if c.self_signed => Some(tls::Tls::self_signed(&tls::host_addresses(
+            config.listen.ip(),
+        ))?),
+        Some(config::TlsConfig {
+            cert: Some(cert),
+            key: Some(key),
+            ..
+        }) => Some(tls::Tls::from_pem_files(cert, key)?),
+        Some(_) => return Err(tls::TlsError::Incomplete.into()),
+    };
     let broker = broker::from_uri(&config.broker, config.limits.inbox_capacity).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+    let bind_error = |source| StartError::Bind {
         addr: config.listen,
         source,
-    })?;
+    };
+    let listener = serve::bind(config.listen, config.limits.listen_backlog).map_err(bind_error)?;
+    let addr = listener.local_addr().map_err(bind_error)?;
     let (stop, shutdown) = watch::channel(false);
     let turn_config = config.turn.clone();
+    let options = serve::ServeOptions {
+        header_read_timeout: config.limits.header_read_timeout(),
+        tls: tls.map(Arc::new),
+    };
     let mut state = AppState::new(leptos_options, broker.clone(), config);
     let turn = match &turn_config {
         Some(c) => Some(turn::Turn::start(c, state.metrics.clone()).await?),
         None => None,
     };
     state.turn = turn.as_ref().map(|t| Arc::new(t.issuer.clone()));
-    // The peer address feeds the per-IP connection cap.
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    // Signaling is small messages that must go out at once: without TCP_NODELAY, Nagle's algorithm
-    // meets the client's delayed ACK and every handshake step waits ~40 ms (measured by the load
-    // benchmark: handshake p50 42.5 ms → 0.43 ms).
-    // Small reads (a WebSocket's few-byte read buffer) are served from one syscall's worth.
-    let listener = read_ahead::ReadAheadListener(listener).tap_io(|io| {
-        let _ = io.tcp().set_nodelay(true);
-    });
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stopped(shutdown))
-            .await
-    });
+    let tls_fingerprint = options.tls.as_ref().map(|t| t.fingerprint.clone());
+    let app = router(state);
+    let task = tokio::spawn(serve::serve(listener, app, options, stopped(shutdown)));
     Ok(RunningServer {
         addr,
+        tls_fingerprint,
         turn_addr: turn.as_ref().and_then(|t| t.addr),
         turn,
         broker,

@@ -10,14 +10,12 @@
 //! allocation); a reader that brings a large buffer of its own (hyper's HTTP reads) is served
 //! straight from the socket.
 
-use axum::serve::Listener;
 use std::cell::RefCell;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Bytes one `recvfrom` may take for a small reader. A signal frame is at most 64 KiB (the frame
 /// limit); most are a few hundred bytes.
@@ -30,24 +28,6 @@ thread_local! {
     /// Where a syscall lands before the reader's share is copied out. One per worker thread; it
     /// is never borrowed across an await (a socket read is a non-blocking call).
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
-}
-
-/// [`TcpListener`] whose connections are [`ReadAhead`] streams.
-pub struct ReadAheadListener(pub TcpListener);
-
-impl Listener for ReadAheadListener {
-    type Io = ReadAhead;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (ReadAhead, SocketAddr) {
-        // axum's own accept loop: retries (with a pause) on errors such as too many open files.
-        let (tcp, addr) = Listener::accept(&mut self.0).await;
-        (ReadAhead::new(tcp), addr)
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
-    }
 }
 
 /// A TCP stream whose small reads are served from one larger read (see the module docs).
@@ -66,10 +46,6 @@ impl ReadAhead {
             spill: Box::default(),
             taken: 0,
         }
-    }
-
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
     }
 
     /// Hands over spilled bytes, if any; frees the spill once it is empty.
@@ -151,6 +127,7 @@ impl AsyncWrite for ReadAhead {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
 
     /// A connected pair: (server side wrapped in ReadAhead, client side).
     async fn pair() -> (ReadAhead, TcpStream) {
