@@ -532,3 +532,55 @@ async fn healthz_is_ok_while_the_broker_is() {
     assert_eq!((status, body.as_str()), (200, "ok"));
     stop(server).await;
 }
+
+/// A WebSocket handshake as relayed by a reverse proxy that says who its client was.
+async fn open_forwarded(addr: SocketAddr, forwarded_for: &str) -> Result<Ws, tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("X-Forwarded-For", forwarded_for.parse().unwrap());
+    let attempt = async {
+        let tcp = TcpStream::connect(addr).await?;
+        Ok(tokio_tungstenite::client_async(request, tcp).await?.0)
+    };
+    timeout(STEP, attempt).await.expect("handshake in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_per_ip_cap_counts_the_real_clients() {
+    let limits = Limits {
+        max_connections_per_ip: 1,
+        ..Default::default()
+    };
+    let behind_proxy = server_with(Config {
+        limits: limits.clone(),
+        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        ..config()
+    })
+    .await;
+    let addr = behind_proxy.addr;
+    // Two clients through the same proxy address: each has its own slot.
+    let (_a, _) = welcome(open_forwarded(addr, "198.51.100.1").await.unwrap()).await;
+    let (_b, _) = welcome(open_forwarded(addr, "198.51.100.2").await.unwrap()).await;
+    // A second socket of the same client is over its cap, whatever it puts on the left.
+    assert_eq!(
+        refused_status(open_forwarded(addr, "198.51.100.1").await),
+        429
+    );
+    assert_eq!(
+        refused_status(open_forwarded(addr, "203.0.113.5, 198.51.100.1").await),
+        429
+    );
+    stop(behind_proxy).await;
+
+    // Without the proxy trusted, the header is the client's own word and ignored.
+    let direct = server_with(Config { limits, ..config() }).await;
+    let addr = direct.addr;
+    let (_a, _) = welcome(open_forwarded(addr, "198.51.100.1").await.unwrap()).await;
+    assert_eq!(
+        refused_status(open_forwarded(addr, "198.51.100.2").await),
+        429
+    );
+    stop(direct).await;
+}

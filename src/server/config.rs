@@ -26,6 +26,42 @@ pub struct Config {
     /// The built-in STUN/TURN server and the short-lived TURN credentials handed to every peer.
     /// Absent: neither (browsers get only `ice_servers`).
     pub turn: Option<TurnConfig>,
+    /// HTTPS (and so `wss:`) instead of plain HTTP. Absent: plain HTTP (fine on localhost and
+    /// behind a TLS-terminating reverse proxy).
+    pub tls: Option<TlsConfig>,
+    /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed: for a
+    /// request from one of them, the client is the rightmost address in that header that is not
+    /// itself a trusted proxy. From anyone else the header is ignored (it is the client's to forge).
+    #[serde(deserialize_with = "proxies")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// An address range (`10.0.0.0/8`) or one address (`10.0.0.7`, a range of one).
+pub fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    let text = text.trim();
+    text.parse::<ipnet::IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{text:?} is neither an IP address nor a CIDR range"))
+}
+
+fn proxies<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|text| parse_net(text).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+/// `[tls]`: a certificate from PEM files, or one made at every start.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// Make a self-signed certificate for this host's names and addresses at start (and print its
+    /// fingerprint) instead of reading one: HTTPS on a LAN with no CA at hand.
+    pub self_signed: bool,
 }
 
 /// `[turn]`: relaying for browsers that cannot reach each other directly.
@@ -118,6 +154,11 @@ pub struct Limits {
     /// Concurrent WebSockets from one client IP (IPv6: one /64); more are refused with HTTP 429.
     /// 0 is unlimited.
     pub max_connections_per_ip: usize,
+    /// Seconds a client may take to send a request's headers (or finish a TLS handshake) before
+    /// its connection is closed: a client trickling bytes cannot hold a socket for ever.
+    pub header_read_timeout_secs: u64,
+    /// Connections the kernel queues before they are accepted (capped by `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 impl Default for Config {
@@ -129,6 +170,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             limits: Limits::default(),
             turn: None,
+            tls: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -146,6 +189,8 @@ impl Default for Limits {
             rate_limit_per_sec: 50,
             rate_limit_close_after: 100,
             max_connections_per_ip: 64,
+            header_read_timeout_secs: 10,
+            listen_backlog: 1024,
         }
     }
 }
@@ -156,6 +201,9 @@ impl Limits {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_read_timeout_secs.max(1))
     }
 }
 
@@ -194,6 +242,25 @@ pub struct Cli {
         hide_env_values = true
     )]
     pub turn_secret: Option<String>,
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long = "tls-cert", env = "BEAMDROP_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long = "tls-key", env = "BEAMDROP_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a certificate made at start for this host's names and addresses; its
+    /// SHA-256 fingerprint is printed.
+    #[arg(long = "self-signed", env = "BEAMDROP_SELF_SIGNED")]
+    pub self_signed: bool,
+    /// Reverse proxy address or CIDR range whose X-Forwarded-For is believed (repeatable;
+    /// comma-separated in the env var). Replaces the file's list.
+    #[arg(
+        long = "trusted-proxy",
+        env = "BEAMDROP_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = parse_net
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -248,6 +315,22 @@ impl Config {
         if let (Some(turn), Some(secret)) = (config.turn.as_mut(), &cli.turn_secret) {
             turn.secret = secret.clone();
         }
+        if cli.tls_cert.is_some() || cli.tls_key.is_some() || cli.self_signed {
+            let tls = config.tls.get_or_insert_with(TlsConfig::default);
+            if cli.self_signed {
+                *tls = TlsConfig {
+                    self_signed: true,
+                    ..TlsConfig::default()
+                };
+            } else {
+                tls.cert = cli.tls_cert.clone().or(tls.cert.take());
+                tls.key = cli.tls_key.clone().or(tls.key.take());
+                tls.self_signed = false;
+            }
+        }
+        if !cli.trusted_proxies.is_empty() {
+            config.trusted_proxies = cli.trusted_proxies.clone();
+        }
         Ok(config)
     }
 }
@@ -265,6 +348,47 @@ mod tests {
         assert!(config.allowed_origins.is_empty());
         // The shipped file spells out the defaults; keep the two in step.
         assert_eq!(config.limits, Limits::default());
+    }
+
+    #[test]
+    fn tls_and_trusted_proxies_are_read_and_bad_ranges_refused() {
+        let config = Config::from_toml(
+            r#"
+            trusted_proxies = ["10.0.0.0/8", "127.0.0.1", "::1"]
+            [tls]
+            self_signed = true
+            "#,
+        )
+        .unwrap();
+        let tls = config.tls.unwrap();
+        assert!(tls.self_signed && tls.cert.is_none());
+        let nets: Vec<String> = config
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+        let bad = Config::from_toml(r#"trusted_proxies = ["10.0.0.0/33"]"#).unwrap_err();
+        assert!(bad.to_string().contains("neither an IP address"), "{bad}");
+        // From the command line: a flag overrides the file's certificate paths.
+        let cli = Cli::parse_from([
+            "beamdrop",
+            "--config",
+            "/nonexistent/beamdrop.toml",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--trusted-proxy",
+            "192.168.1.1,fd00::/8",
+        ]);
+        let config = Config::load(&cli).unwrap();
+        let tls = config.tls.unwrap();
+        assert_eq!(
+            (tls.cert.unwrap(), tls.key.unwrap(), tls.self_signed),
+            (PathBuf::from("c.pem"), PathBuf::from("k.pem"), false)
+        );
+        assert_eq!(config.trusted_proxies.len(), 2);
     }
 
     #[test]

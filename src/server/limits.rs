@@ -162,6 +162,30 @@ pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[Strin
     normalize(authority) == normalize(host)
 }
 
+/// The client's address: the socket's peer, unless that is a trusted reverse proxy, in which case
+/// the rightmost `X-Forwarded-For` entry that is not a trusted proxy (each proxy appends the
+/// address it heard from; entries left of the first untrusted one are the client's to forge).
+/// A header that cannot be read leaves the proxy's own address, never an error.
+pub fn client_ip(peer: IpAddr, forwarded_for: &[&str], trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops = forwarded_for
+        .iter()
+        .flat_map(|header| header.split(','))
+        .map(|hop| hop.trim().parse::<IpAddr>());
+    let mut client = peer;
+    for hop in hops.rev() {
+        match hop {
+            Ok(ip) if is_trusted(&ip) => client = ip,
+            Ok(ip) => return ip,
+            Err(_) => return client,
+        }
+    }
+    client
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,5 +322,46 @@ mod tests {
         let any = vec!["*".to_string()];
         assert!(origin_allowed(Some("https://anything.example"), host, &any));
         assert!(origin_allowed(Some("null"), host, &any));
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // From a stranger the header is ignored: it is the client's to write.
+        assert_eq!(
+            client_ip(ip("203.0.113.9"), &["198.51.100.1"], &trusted),
+            ip("203.0.113.9")
+        );
+        // From the proxy: the address it heard from.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &["198.51.100.1"], &trusted),
+            ip("198.51.100.1")
+        );
+        // A forged entry on the left does not help; chained proxies are skipped from the right,
+        // across repeated headers too.
+        assert_eq!(
+            client_ip(
+                ip("10.0.0.2"),
+                &["1.2.3.4, 198.51.100.1", "10.0.0.3"],
+                &trusted
+            ),
+            ip("198.51.100.1")
+        );
+        // Nothing usable: the last trusted hop stands (counted as one client).
+        assert_eq!(client_ip(ip("10.0.0.2"), &[], &trusted), ip("10.0.0.2"));
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &["junk"], &trusted),
+            ip("10.0.0.2")
+        );
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &["10.0.0.5"], &trusted),
+            ip("10.0.0.5")
+        );
+        // No trusted proxies configured: always the socket's peer.
+        assert_eq!(
+            client_ip(ip("10.0.0.2"), &["198.51.100.1"], &[]),
+            ip("10.0.0.2")
+        );
     }
 }

@@ -8,7 +8,7 @@
 
 use super::broker::{BrokerError, DynBroker, Registration, ShareLease};
 use super::config::{Config, Limits};
-use super::limits::{origin_allowed, IpSlot, TokenBucket};
+use super::limits::{client_ip, origin_allowed, IpSlot, TokenBucket};
 use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
 use super::turn::credentials::Issuer;
 use super::AppState;
@@ -38,7 +38,14 @@ pub async fn handler(
     uri: Uri,
     connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
-    let ip = connect_info.map(|Extension(ConnectInfo(addr))| addr.ip());
+    let forwarded_for: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let ip = connect_info.map(|Extension(ConnectInfo(addr))| {
+        client_ip(addr.ip(), &forwarded_for, &state.config.trusted_proxies)
+    });
 
     // Browsers always send Origin on WebSocket handshakes; a page elsewhere must not be able to
     // drive this broker with its visitors' connections.
