@@ -15,21 +15,10 @@ import { test, expect } from '@playwright/test';
 import { spawn, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 import path from 'node:path';
-import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until } from './browsers';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until, freePort } from './browsers';
 import { frontDoor, type FrontDoor } from './proxy';
 
 const ROOT = path.join(__dirname, '..', '..');
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.on('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 function exited(child: ChildProcess): Promise<number | null> {
   return new Promise((resolve) => {
