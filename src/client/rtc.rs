@@ -139,7 +139,10 @@ impl RtcLink {
 
     /// Fresh ICE servers (TURN credentials) for the next ICE restart on this connection.
     pub fn set_ice_servers(&self, ice_servers: &[IceServer]) {
-        if let Err(e) = self.pc.set_configuration_with_configuration(&configuration(ice_servers)) {
+        if let Err(e) = self
+            .pc
+            .set_configuration_with_configuration(&configuration(ice_servers))
+        {
             leptos::logging::warn!("could not update the ICE servers: {e:?}");
         }
     }
