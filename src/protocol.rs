@@ -256,6 +256,15 @@ pub enum SignalPayload {
     /// open this either, and says the link is damaged; one holding the right one learns that
     /// something between the two pages altered its message.
     Rejected,
+    /// Receiver → sender: "I was `from`; my signaling socket came back under this peer id, and
+    /// the connection you have with `from` is mine: signal it here from now on". Sent while
+    /// that connection still lives (a phone changed networks), so it can be restarted (ICE)
+    /// instead of replaced. Sealed like everything else, so only a link holder can send one;
+    /// one who also knew another receiver's peer id could break that receiver's connection,
+    /// never take it over (its DTLS keys stay with the two browsers).
+    Moved {
+        from: PeerId,
+    },
     Offer {
         sdp: String,
     },
@@ -522,6 +531,12 @@ mod tests {
             serde_json::to_value(SignalPayload::Rejected).unwrap(),
             json!({"type": "rejected"})
         );
+        let moved = SignalPayload::Moved {
+            from: PeerId(uuid::Uuid::nil()),
+        };
+        let v = json!({"type": "moved", "from": "00000000-0000-0000-0000-000000000000"});
+        assert_eq!(serde_json::to_value(&moved).unwrap(), v);
+        assert_eq!(serde_json::from_value::<SignalPayload>(v).unwrap(), moved);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::view::{FileRow, FileStatus, PauseWhy, Phase, ReceiverUi};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
 use leptos::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::{Rc, Weak};
 use wasm_bindgen::JsCast;
@@ -74,6 +74,19 @@ const HELLO_PATIENCE_MS: f64 = 8_000.0;
 
 /// A connection `disconnected` this long (ms) gets an ICE restart.
 const DISCONNECTED_GRACE_MS: u32 = 3_000;
+
+/// Requests outstanding and not one frame for this long (ms): the path is dead even if the
+/// connection's state says otherwise. Seen when the receiver's network changed under it: its
+/// ICE agent kept a pair alive through the relay while the sender's still sent to the old
+/// address, so the state stayed `connected` for over a minute with nothing arriving. First an
+/// ICE restart; if frames do not come back within [`RESTART_PATIENCE_MS`], a new connection
+/// (and the download resumes where it stopped).
+const DATA_STALL_MS: f64 = 6_000.0;
+
+/// How long (ms) an ICE restart for a stall gets to bring frames back before the connection is
+/// replaced. Long enough for a signaling socket that broke with the path to come back and the
+/// sender to hear where we are (`moved`).
+const RESTART_PATIENCE_MS: f64 = 12_000.0;
 
 /// One file this page is fetching (or has paused).
 struct Download {
@@ -140,8 +153,13 @@ struct State {
     link: Option<Rc<RtcLink>>,
     channel: Option<Channel>,
     sink: SinkState,
+    /// The peer id the sender knows this page by, while the signaling socket came back under
+    /// another one with the connection still alive: told to the sender (`moved`) once joined.
+    moved_from: Option<PeerId>,
     /// The sink every channel's binary listener hands frames to, once it exists.
     frames_to: Rc<RefCell<Option<Rc<SinkHandle>>>>,
+    /// When the last frame arrived, or a request was sent with none outstanding (ms, `now_ms`).
+    last_frame_at: Rc<Cell<f64>>,
     /// By resume key.
     downloads: HashMap<String, Download>,
     /// Requests in flight → the download's key.
@@ -171,9 +189,12 @@ struct State {
 impl State {
     /// Joins the share (again) on the current connection, unless connected to the sender.
     fn join(&self) {
-        if self.channel.is_some() {
-            return;
+        if self.channel.is_none() {
+            self.send_join();
         }
+    }
+
+    fn send_join(&self) {
         if let Some(signaling) = &self.signaling {
             signaling.send(ClientMsg::Join {
                 share: self.share.clone(),
@@ -257,6 +278,10 @@ impl State {
         };
         match send_msg(&channel.dc, &request) {
             Ok(()) => {
+                if self.transfers.is_empty() {
+                    // Nothing was due until now: the stall clock starts with this request.
+                    self.last_frame_at.set(now_ms());
+                }
                 d.outstanding.insert(transfer);
                 self.transfers.insert(transfer, key.to_owned());
             }
@@ -345,6 +370,8 @@ impl ReceiverSession {
             channel: None,
             sink: SinkState::None,
             frames_to: Rc::default(),
+            moved_from: None,
+            last_frame_at: Rc::default(),
             downloads: HashMap::new(),
             transfers: HashMap::new(),
             next_transfer: 1,
@@ -827,6 +854,11 @@ async fn run_signaling(state: Weak<RefCell<State>>, mut events: impl Stream<Item
             Event::Connected(signaling) => state.borrow_mut().signaling = Some(signaling),
             Event::Lost { why, retrying } => {
                 let mut s = state.borrow_mut();
+                if s.channel.is_some() && s.moved_from.is_none() {
+                    // The connection may outlive the socket (a phone changing networks breaks
+                    // both; ICE can be restarted once the sender knows where we are now).
+                    s.moved_from = s.me;
+                }
                 s.signaling = None;
                 s.me = None;
                 if s.channel.is_some() || !s.ui.phase.get_untracked().needs_server() {
@@ -868,10 +900,33 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                 if !s.ui.phase.get_untracked().is_paused() {
                     s.ui.phase.set(Phase::WaitingForSender);
                 }
+            } else if s.moved_from.is_some() {
+                // Connected still, under a new peer id: joining lets us signal the sender again.
+                s.send_join();
             }
         }
         ServerMsg::Joined { sender, .. } => {
             let mut s = state.borrow_mut();
+            if s.channel.is_some() {
+                // Rejoined after the socket moved: tell the sender where this connection is now
+                // (it restarts ICE on it), and signal it from here on.
+                let old = s.moved_from.take();
+                if let (Some(old), Some(signaling), Some(me), Some(link)) =
+                    (old, s.signaling.clone(), s.me, s.link.clone())
+                {
+                    if s.sender == Some(sender) && old != me {
+                        link.readdress(signaling.clone(), me, sender);
+                        let outbox = Outbox {
+                            signaling,
+                            key: s.key.clone(),
+                            me,
+                            remote: sender,
+                        };
+                        outbox.send(&SignalPayload::Moved { from: old });
+                    }
+                }
+                return;
+            }
             // Connected already, or past joining: a late answer to an earlier join must not undo
             // a failure (a bad link stays failed, with its message).
             if !s.still_joining() {
@@ -1126,7 +1181,7 @@ fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>
             me,
             remote: sender,
         };
-        RtcLink::new(outbox, &s.ice_servers)?
+        RtcLink::new(outbox, true, &s.ice_servers)?
     };
     let link = Rc::new(link);
     state.borrow_mut().link = Some(link.clone());
@@ -1159,8 +1214,12 @@ async fn watch_link(
         match event {
             LinkEvent::Channel(dc) => {
                 let flow = FlowControl::DEFAULT;
-                let frames_to = state.borrow().frames_to.clone();
+                let (frames_to, last_frame_at) = {
+                    let s = state.borrow();
+                    (s.frames_to.clone(), s.last_frame_at.clone())
+                };
                 let on_binary = move |buf: &js_sys::ArrayBuffer| {
+                    last_frame_at.set(now_ms());
                     if let Some(sink) = frames_to.borrow().as_ref() {
                         sink.frame(buf);
                     }
@@ -1173,6 +1232,7 @@ async fn watch_link(
                 );
                 state.borrow_mut().channel = Some(channel);
                 spawn_local(run_channel(Rc::downgrade(&state), events));
+                spawn_local(watch_stall(Rc::downgrade(&state), Rc::downgrade(&link)));
             }
             LinkEvent::State(RtcPeerConnectionState::Connected) => {
                 restarted = false;
@@ -1221,6 +1281,50 @@ async fn watch_link(
                 return;
             }
             LinkEvent::State(_) => {}
+        }
+    }
+}
+
+/// Restarts ICE, then replaces the connection, when requests are outstanding and no frame has
+/// come for [`DATA_STALL_MS`] (see there). Ends with the connection.
+async fn watch_stall(state: Weak<RefCell<State>>, link: Weak<RtcLink>) {
+    let mut restarted_at: Option<f64> = None;
+    loop {
+        gloo_timers::future::TimeoutFuture::new(1_000).await;
+        let (Some(state), Some(link)) = (state.upgrade(), link.upgrade()) else {
+            return;
+        };
+        let quiet_ms = {
+            let s = state.borrow();
+            let current = s.link.as_ref().is_some_and(|l| Rc::ptr_eq(l, &link));
+            if !current || s.channel.is_none() {
+                return;
+            }
+            if s.transfers.is_empty() {
+                0.0
+            } else {
+                now_ms() - s.last_frame_at.get()
+            }
+        };
+        if quiet_ms < DATA_STALL_MS {
+            restarted_at = None;
+            continue;
+        }
+        match restarted_at {
+            None => {
+                leptos::logging::warn!("no data for {quiet_ms:.0} ms: restarting ICE");
+                restarted_at = Some(now_ms());
+                if let Err(e) = link.restart_ice().await {
+                    leptos::logging::warn!("ICE restart failed: {e}");
+                }
+            }
+            Some(at) if now_ms() - at >= RESTART_PATIENCE_MS => {
+                leptos::logging::warn!("still no data after an ICE restart: reconnecting");
+                let mut s = state.borrow_mut();
+                pause(&mut s, &state);
+                return;
+            }
+            Some(_) => {}
         }
     }
 }

@@ -11,12 +11,13 @@ use futures::channel::mpsc::{unbounded, UnboundedReceiver};
 use gloo_events::EventListener;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
     RtcConfiguration, RtcDataChannel, RtcDataChannelEvent, RtcDataChannelInit, RtcIceCandidateInit,
     RtcIceServer, RtcOfferOptions, RtcPeerConnection, RtcPeerConnectionIceEvent,
-    RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit,
+    RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, RtcSignalingState,
 };
 
 /// What the connection reports, in order.
@@ -83,7 +84,12 @@ fn configuration(ice_servers: &[IceServer]) -> RtcConfiguration {
 
 pub struct RtcLink {
     pc: RtcPeerConnection,
-    outbox: Outbox,
+    /// Shared with the candidate listener; re-addressed when either page's signaling socket
+    /// came back under a new peer id while this connection lived on.
+    outbox: Rc<RefCell<Outbox>>,
+    /// On offer glare (both sides restarting ICE at once) the polite side (the receiver) drops
+    /// its own offer and answers; the other ignores the incoming one.
+    polite: bool,
     has_remote_description: Cell<bool>,
     pending_candidates: RefCell<Vec<RtcIceCandidateInit>>,
     _listeners: [EventListener; 3],
@@ -92,11 +98,13 @@ pub struct RtcLink {
 impl RtcLink {
     pub fn new(
         outbox: Outbox,
+        polite: bool,
         ice_servers: &[IceServer],
     ) -> Result<(Self, UnboundedReceiver<LinkEvent>), ClientError> {
         let pc = RtcPeerConnection::new_with_configuration(&configuration(ice_servers))?;
 
         let (events, rx) = unbounded();
+        let outbox = Rc::new(RefCell::new(outbox));
         let on_candidate = {
             let outbox = outbox.clone();
             EventListener::new(&pc, "icecandidate", move |ev| {
@@ -106,7 +114,7 @@ impl RtcLink {
                 else {
                     return; // end of candidates
                 };
-                outbox.send(&SignalPayload::Candidate {
+                outbox.borrow().send(&SignalPayload::Candidate {
                     candidate: candidate.candidate(),
                     sdp_mid: candidate.sdp_mid(),
                     sdp_m_line_index: candidate.sdp_m_line_index(),
@@ -129,12 +137,22 @@ impl RtcLink {
             Self {
                 pc,
                 outbox,
+                polite,
                 has_remote_description: Cell::new(false),
                 pending_candidates: RefCell::new(Vec::new()),
                 _listeners: [on_candidate, on_state, on_channel],
             },
             rx,
         ))
+    }
+
+    /// Signals for this connection go from now on through `signaling`, as `me`, to `remote`
+    /// (a page's socket came back under a new peer id; the connection itself is unchanged).
+    pub fn readdress(&self, signaling: Signaling, me: PeerId, remote: PeerId) {
+        let mut outbox = self.outbox.borrow_mut();
+        outbox.signaling = signaling;
+        outbox.me = me;
+        outbox.remote = remote;
     }
 
     /// Fresh ICE servers (TURN credentials) for the next ICE restart on this connection.
@@ -160,7 +178,7 @@ impl RtcLink {
         let offer = JsFuture::from(self.pc.create_offer()).await?;
         let sdp = sdp_of(&offer)?;
         self.set_local(RtcSdpType::Offer, &sdp).await?;
-        self.outbox.send(&SignalPayload::Offer { sdp });
+        self.outbox.borrow().send(&SignalPayload::Offer { sdp });
         Ok(())
     }
 
@@ -172,7 +190,7 @@ impl RtcLink {
         let offer = JsFuture::from(self.pc.create_offer_with_rtc_offer_options(&options)).await?;
         let sdp = sdp_of(&offer)?;
         self.set_local(RtcSdpType::Offer, &sdp).await?;
-        self.outbox.send(&SignalPayload::Offer { sdp });
+        self.outbox.borrow().send(&SignalPayload::Offer { sdp });
         Ok(())
     }
 
@@ -230,13 +248,21 @@ impl RtcLink {
     /// restart). `hello` and `rejected` are the sessions' business, not the connection's.
     pub async fn apply(&self, payload: SignalPayload) -> Result<(), ClientError> {
         match payload {
-            SignalPayload::Hello { .. } | SignalPayload::Rejected => {}
+            SignalPayload::Hello { .. } | SignalPayload::Rejected | SignalPayload::Moved { .. } => {
+            }
             SignalPayload::Offer { sdp } => {
+                if self.pc.signaling_state() == RtcSignalingState::HaveLocalOffer {
+                    if !self.polite {
+                        return Ok(()); // ours stands; the other side answers it
+                    }
+                    let rollback = RtcSessionDescriptionInit::new(RtcSdpType::Rollback);
+                    JsFuture::from(self.pc.set_local_description(&rollback)).await?;
+                }
                 self.set_remote(RtcSdpType::Offer, &sdp).await?;
                 let answer = JsFuture::from(self.pc.create_answer()).await?;
                 let sdp = sdp_of(&answer)?;
                 self.set_local(RtcSdpType::Answer, &sdp).await?;
-                self.outbox.send(&SignalPayload::Answer { sdp });
+                self.outbox.borrow().send(&SignalPayload::Answer { sdp });
             }
             SignalPayload::Answer { sdp } => self.set_remote(RtcSdpType::Answer, &sdp).await?,
             SignalPayload::Candidate {

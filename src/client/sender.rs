@@ -93,6 +93,9 @@ impl SharedFile {
 /// One receiver: its connection and channel (the listeners live as long as this does), and
 /// what it asked for.
 struct Receiver {
+    /// The peer id its signaling socket has now: the key it is kept under (its first one),
+    /// unless its socket came back under a new id while the connection lived (`moved`).
+    via: PeerId,
     link: Rc<RtcLink>,
     channel: Channel,
     row: ReceiverRow,
@@ -265,6 +268,15 @@ impl State {
         for peer in stranded {
             self.drop_receiver(peer);
         }
+    }
+
+    /// The receiver whose signaling socket is `via` now (its key: the id it first said hello
+    /// from). None for a peer no receiver is reached at, such as an id one has moved away from.
+    fn key_of(&self, via: PeerId) -> Option<PeerId> {
+        self.receivers
+            .iter()
+            .find(|(_, r)| r.via == via)
+            .map(|(key, _)| *key)
     }
 
     fn drop_receiver(&mut self, peer: PeerId) {
@@ -602,7 +614,13 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
             }
         }
         ServerMsg::Signal { from, payload } => on_signal(state, from, &payload).await,
-        ServerMsg::PeerLeft { peer } => state.borrow_mut().drop_receiver(peer),
+        ServerMsg::PeerLeft { peer } => {
+            // A receiver that moved to a new socket is not gone when its old one closes.
+            let mut s = state.borrow_mut();
+            if let Some(key) = s.key_of(peer) {
+                s.drop_receiver(key);
+            }
+        }
         ServerMsg::Error { code, message } => {
             leptos::logging::warn!("server error {code:?}: {message}");
             let mut s = state.borrow_mut();
@@ -649,8 +667,31 @@ async fn on_signal(state: &Rc<RefCell<State>>, from: PeerId, sealed: &str) {
                 leptos::logging::warn!("could not connect to a receiver: {e}");
             }
         }
+        Ok(SignalPayload::Moved { from: old }) => {
+            let link = {
+                let mut s = state.borrow_mut();
+                let (Some(signaling), Some(me)) = (s.signaling.clone(), s.me) else {
+                    return;
+                };
+                let Some(r) = s.receivers.get_mut(&old).filter(|r| r.via == old) else {
+                    return; // not ours (any more): its hello will follow
+                };
+                r.via = from;
+                r.link.readdress(signaling, me, from);
+                r.link.clone()
+            };
+            // The connection lost its path when the receiver's network changed: a new one.
+            if let Err(e) = link.restart_ice().await {
+                leptos::logging::warn!("ICE restart for a moved receiver failed: {e}");
+            }
+        }
         Ok(payload) => {
-            let link = state.borrow().receivers.get(&from).map(|r| r.link.clone());
+            let link = {
+                let s = state.borrow();
+                s.key_of(from)
+                    .and_then(|key| s.receivers.get(&key))
+                    .map(|r| r.link.clone())
+            };
             let Some(link) = link else { return };
             if let Err(e) = link.apply(payload).await {
                 leptos::logging::warn!("signal from {from} not applied: {e}");
@@ -661,7 +702,9 @@ async fn on_signal(state: &Rc<RefCell<State>>, from: PeerId, sealed: &str) {
             // a sealed word back so its page does not wait for an offer that never comes.
             leptos::logging::warn!("signal from {from} refused: {e}");
             let mut s = state.borrow_mut();
-            s.drop_receiver(from);
+            if let Some(key) = s.key_of(from) {
+                s.drop_receiver(key);
+            }
             if let (Some(signaling), Some(key), Some(me)) =
                 (s.signaling.clone(), s.key.clone(), s.me)
             {
@@ -690,6 +733,10 @@ async fn connect_receiver(
             return Ok(());
         }
         s.drop_receiver(peer);
+        // A receiver that moved here and now says hello again wants a new connection.
+        if let Some(moved) = s.key_of(peer) {
+            s.drop_receiver(moved);
+        }
         let pending = s.receivers.values().filter(|r| !r.open).count();
         if pending >= MAX_PENDING {
             return Err(ClientError::Js(format!(
@@ -706,7 +753,7 @@ async fn connect_receiver(
             me,
             remote: peer,
         };
-        let (link, events) = RtcLink::new(outbox, &s.ice_servers)?;
+        let (link, events) = RtcLink::new(outbox, false, &s.ice_servers)?;
         (link, events, s.flow)
     };
     let dc = link.create_channel("files");
@@ -723,6 +770,7 @@ async fn connect_receiver(
         s.receivers.insert(
             peer,
             Receiver {
+                via: peer,
                 link: link.clone(),
                 channel,
                 row: row.clone(),
