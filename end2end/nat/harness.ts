@@ -40,6 +40,11 @@ export class Topology {
     execFileSync(NETNS_SH, ['up', this.prefix, kase], { env: TOOL_ENV, timeout: 30_000, stdio: ['ignore', 'ignore', 'pipe'] });
   }
 
+  /** The receiver's router changes its public address mid-flight (see `move` in netns.sh). */
+  moveReceiver(): void {
+    execFileSync(NETNS_SH, ['move', this.prefix], { env: TOOL_ENV, timeout: 10_000, stdio: ['ignore', 'ignore', 'pipe'] });
+  }
+
   /** Idempotent; also ends whatever still runs inside the namespaces. Never throws. */
   down(): void {
     try {
@@ -240,7 +245,8 @@ export async function launchIn(ns: string): Promise<Browser> {
 
 /**
  * A page whose every RTCPeerConnection (made by the WASM client) lands in `window.__pcs`, so the
- * test can read the selected candidate pair from the page's own connection.
+ * test can read the selected candidate pair from the page's own connection; offers made with
+ * `iceRestart` are counted in `window.__iceRestarts`.
  */
 export async function openTracked(browser: Browser, urlPath: string): Promise<Page> {
   const context = await browser.newContext({ baseURL: ORIGIN, acceptDownloads: true });
@@ -250,10 +256,17 @@ export async function openTracked(browser: Browser, urlPath: string): Promise<Pa
     if (!Original || w.__pcs) return;
     const pcs: RTCPeerConnection[] = [];
     w.__pcs = pcs;
+    const counts = { restarts: 0 };
+    Object.defineProperty(window, '__iceRestarts', { get: () => counts.restarts });
     class Tracked extends Original {
       constructor(config?: RTCConfiguration) {
         super(config);
         pcs.push(this);
+      }
+      // eslint-disable-next-line @typescript-eslint/no-explicit-any
+      createOffer(options?: any): Promise<any> {
+        if (options?.iceRestart) counts.restarts += 1;
+        return super.createOffer(options);
       }
     }
     Object.defineProperty(window, 'RTCPeerConnection', { value: Tracked, writable: true, configurable: true });
@@ -355,4 +368,12 @@ export async function download(receiver: Page, name: string): Promise<{ saved: s
   const seconds = (Date.now() - started) / 1000;
   await expect(item.getByTestId('file-status')).toContainText('verified');
   return { saved, seconds };
+}
+
+/** Offers with `iceRestart` the page has made, and how many peer connections it has made. */
+export async function restarts(page: Page): Promise<{ iceRestarts: number; connections: number }> {
+  return page.evaluate(() => {
+    const w = window as unknown as { __iceRestarts?: number; __pcs?: RTCPeerConnection[] };
+    return { iceRestarts: w.__iceRestarts ?? 0, connections: (w.__pcs ?? []).length };
+  });
 }

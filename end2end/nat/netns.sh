@@ -4,6 +4,7 @@
 #
 #   netns.sh up   <prefix> <case>   # case: cone | symmetric | udp-blocked
 #   netns.sh down <prefix>          # idempotent; also kills what still runs in the namespaces
+#   netns.sh move <prefix>          # the receiver's router moves to another public address
 #   netns.sh names <prefix>         # prints the namespace names (pub sender-router
 #                                   # receiver-router sender-host receiver-host)
 #
@@ -36,7 +37,7 @@
 set -Eeuo pipefail
 case ":$PATH:" in *:/usr/sbin:*) ;; *) PATH="$PATH:/usr/sbin:/sbin" ;; esac
 
-usage() { echo "usage: $0 up <prefix> <cone|symmetric|udp-blocked> | down <prefix> | names <prefix>" >&2; exit 2; }
+usage() { echo "usage: $0 up <prefix> <cone|symmetric|udp-blocked> | down <prefix> | move <prefix> | names <prefix>" >&2; exit 2; }
 
 [ $# -ge 2 ] || usage
 cmd=$1 prefix=$2
@@ -171,9 +172,22 @@ up() {
   echo "netns.sh: $case topology up (prefix $prefix)" >&2
 }
 
+# The receiver's network changes under it, as when a phone leaves Wi-Fi for cellular: its router's
+# public address goes from 198.18.2.2 to 198.18.2.3. Removing the address makes the kernel drop
+# every masquerade mapping made with it (conntrack entries), so every flow through the router (the
+# signaling WebSocket, the ICE pair) breaks at once and new packets leave from the new address.
+move() {
+  sysctl_ns "$RR" net.ipv4.conf.wan.promote_secondaries 1
+  in_ns "$RR" ip addr add 198.18.2.3/24 dev wan
+  in_ns "$RR" ip addr del 198.18.2.2/24 dev wan
+  in_ns "$RR" ip route replace default via 198.18.2.1
+  echo "netns.sh: receiver router moved to 198.18.2.3 (prefix $prefix)" >&2
+}
+
 case "$cmd" in
   up) [ $# -eq 3 ] || usage; up "$3" ;;
   down) down ;;
+  move) move ;;
   names) echo "${ALL[*]}" ;;
   *) usage ;;
 esac

@@ -29,6 +29,13 @@
 //   3. receiver's UDP dropped                   → the receiver's local candidate is a relay over TCP
 //   4. no [turn] section, sender symmetric      → the receiver says it could not connect, and that
 //                                                 the server offers no relay, within ~60 s
+//   5. both cone, and mid-transfer the receiver's router moves to another public address (a
+//      phone leaving Wi-Fi for cellular: every NAT mapping, the WebSocket's too, breaks at once)
+//                                               → the receiver notices the stall, its socket
+//                                                 comes back under a new peer id and tells the
+//                                                 sender (`moved`), which restarts ICE on the same
+//                                                 connection: the download carries on where it
+//                                                 was (little sent twice), over the new address
 // Cases 1-3 move a 16 MiB random file and check its SHA-256; each prints a `NAT:` line (MB/s,
 // relayed bytes, and for relayed paths the server's CPU-ms per relayed MB).
 import { test, expect, type Browser, type Page } from '@playwright/test';
@@ -48,6 +55,7 @@ import {
   openTracked,
   waitSelectedPair,
   selectedPair,
+  restarts,
   pcStates,
   describePair,
   download,
@@ -254,6 +262,60 @@ test('no relay offered and a symmetric NAT: the receiver says it cannot connect,
       await expect(status).toContainText('Could not connect');
       expect(await selectedPair(receiver), 'no connected peer connection').toBeNull();
       console.log(`NAT: no relay, symmetric/cone: "${(await status.textContent())?.trim()}" after ${seconds.toFixed(1)} s`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+test('the receiver\'s network changes mid-transfer: the download carries on where it was, over the new address', async () => {
+  test.setTimeout(240_000);
+  await inTopology('cone', true, async (run) => {
+    const dir = tempDir();
+    try {
+      const size = 64 * 1024 * 1024;
+      const file = randomFile(dir, 'moving-64MiB.bin', size);
+      await run.sender.getByTestId('file-input').setInputFiles([file]);
+      const link = new URL(await shareLink(run.sender), ORIGIN);
+      const receiver = await openTracked(run.receiverBrowser, `${link.pathname}${link.hash}`);
+      await hydrated(receiver);
+      await expect(receiver.getByTestId('status')).toContainText('Connected', { timeout: 60_000 });
+      const before = await waitSelectedPair(receiver);
+
+      const item = receiver.getByTestId('file-item').filter({ hasText: 'moving-64MiB.bin' });
+      const started = Date.now();
+      const saved = Promise.all([receiver.waitForEvent('download', { timeout: 200_000 }), item.getByTestId('download').click()]);
+      const bar = item.locator('progress');
+      await expect
+        .poll(async () => Number((await bar.getAttribute('value')) ?? 0), { timeout: 60_000, intervals: [100] })
+        .toBeGreaterThanOrEqual(0.2);
+      const movedAt = Number((await bar.getAttribute('value')) ?? 0);
+      const moved = Date.now();
+      topology.moveReceiver();
+
+      const [dl] = await saved;
+      const got = await dl.path();
+      const seconds = (Date.now() - started) / 1000;
+      await expect(item.getByTestId('file-status')).toContainText('verified');
+      expect(statSync(got).size).toBe(size);
+      expect(sha256(got)).toBe(sha256(file));
+      // Carried on, not started over: what was there before the move did not cross again.
+      const sent = Number(await run.sender.getByTestId('bytes-sent').getAttribute('data-bytes'));
+      expect(sent).toBeLessThan(size + 16 * 1024 * 1024);
+      // And it did move: the sender now reaches the receiver at its router's new address.
+      const after = await waitSelectedPair(run.sender);
+      expect(after.remoteAddress).toContain('198.18.2.3');
+      const [r, s] = [await restarts(receiver), await restarts(run.sender)];
+      // The same connection carried on (an ICE restart once the sender heard where the receiver
+      // is now), not a new one.
+      expect(s.iceRestarts, 'the sender restarted ICE').toBeGreaterThanOrEqual(1);
+      expect([r.connections, s.connections], 'peer connections made (receiver, sender)').toEqual([1, 1]);
+      console.log(
+        `NAT: receiver moved at ${(movedAt * 100).toFixed(0)} %: was ${describePair(before)}, now sender ${describePair(after)}; ` +
+          `${(size / MB / seconds).toFixed(1)} MB/s overall, verified ${((Date.now() - moved) / 1000).toFixed(1)} s after the move, ` +
+          `sender sent ${(sent / 1048576).toFixed(1)} MiB for a 64 MiB file; ICE restart offers: receiver ${r.iceRestarts}, sender ${s.iceRestarts}; ` +
+          `peer connections made: receiver ${r.connections}, sender ${s.connections}`,
+      );
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
