@@ -7,6 +7,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } fro
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { CHROMIUM_ARGS } from '../tests/browsers';
+export { download } from '../tests/browsers';
 
 export const ROOT = path.join(__dirname, '..', '..');
 export const NETNS_SH = path.join(__dirname, 'netns.sh');
@@ -357,18 +358,6 @@ export function describePair(p: SelectedPair): string {
   return `local ${p.local}${relay} ${p.localAddress} ⇄ remote ${p.remote} ${p.remoteAddress}`;
 }
 
-/** Clicks a file's download button; returns the saved path and the seconds from click to saved. */
-export async function download(receiver: Page, name: string): Promise<{ saved: string; seconds: number }> {
-  const item = receiver.getByTestId('file-item').filter({ hasText: name });
-  const button = item.getByTestId('download');
-  await expect(button).toBeEnabled();
-  const started = Date.now();
-  const [dl] = await Promise.all([receiver.waitForEvent('download', { timeout: 150_000 }), button.click()]);
-  const saved = await dl.path();
-  const seconds = (Date.now() - started) / 1000;
-  await expect(item.getByTestId('file-status')).toContainText('verified');
-  return { saved, seconds };
-}
 
 /** Offers with `iceRestart` the page has made, and how many peer connections it has made. */
 export async function restarts(page: Page): Promise<{ iceRestarts: number; connections: number }> {

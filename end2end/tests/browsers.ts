@@ -1,6 +1,6 @@
 // Two separate headless Chromium instances (sender, receiver) with flags that keep every packet on
 // this machine: host candidates with real addresses, no STUN/TURN, no calls home.
-import { chromium, type Browser, type Page } from '@playwright/test';
+import { chromium, expect, type Browser, type Page } from '@playwright/test';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -105,4 +105,22 @@ export function freePort(): Promise<number> {
       s.close(() => resolve(port));
     });
   });
+}
+
+/** Clicks a file's download button and waits until it is saved and verified: the saved path,
+ * the seconds from click to saved, and the name the browser suggested. */
+export async function download(
+  receiver: Page,
+  name: string,
+  timeoutMs = 150_000,
+): Promise<{ saved: string; seconds: number; suggested: string }> {
+  const item = receiver.getByTestId('file-item').filter({ hasText: name });
+  const button = item.getByTestId('download');
+  await expect(button).toBeEnabled();
+  const started = Date.now();
+  const [dl] = await Promise.all([receiver.waitForEvent('download', { timeout: timeoutMs }), button.click()]);
+  const saved = await dl.path();
+  const seconds = (Date.now() - started) / 1000;
+  await expect(item.getByTestId('file-status')).toContainText('verified');
+  return { saved, seconds, suggested: dl.suggestedFilename() };
 }

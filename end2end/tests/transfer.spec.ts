@@ -1,20 +1,7 @@
-import { test, expect, type Page } from '@playwright/test';
+import { test, expect } from '@playwright/test';
 import path from 'node:path';
 import { statSync } from 'node:fs';
-import { launch, openPage, hydrated, tempDir, randomFile, writeFile, sha256 } from './browsers';
-
-/** Clicks a file's download button; returns the saved path and the seconds from click to saved. */
-async function download(receiver: Page, name: string): Promise<{ saved: string; seconds: number; suggested: string }> {
-  const item = receiver.getByTestId('file-item').filter({ hasText: name });
-  const button = item.getByTestId('download');
-  await expect(button).toBeEnabled();
-  const started = Date.now();
-  const [dl] = await Promise.all([receiver.waitForEvent('download', { timeout: 120_000 }), button.click()]);
-  const saved = await dl.path();
-  const seconds = (Date.now() - started) / 1000;
-  await expect(item.getByTestId('file-status')).toContainText('verified');
-  return { saved, seconds, suggested: dl.suggestedFilename() };
-}
+import { launch, openPage, hydrated, tempDir, randomFile, writeFile, sha256, download } from './browsers';
 
 test('a 32 MiB random file and a non-ASCII name cross between two browsers intact', async () => {
   const dir = tempDir();
