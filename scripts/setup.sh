@@ -72,6 +72,11 @@ need_redis() {
   need_apt redis-server redis-server
 }
 
+need_coturn() {
+  # coturn's turnserver: tests/turn.rs checks that the credentials we hand out work against it.
+  need_apt turnserver coturn
+}
+
 need_netns_tools() {
   # The NAT end-to-end test (end2end/tests/nat.spec.ts, topology in end2end/nat/netns.sh) builds
   # network namespaces with `ip` and NAT routers with `nft`, and reaches the server inside its

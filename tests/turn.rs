@@ -1,7 +1,7 @@
 //! The built-in STUN/TURN server, driven by the `turn` crate's own client over real sockets on
 //! 127.0.0.1: a peer's credentials from its `welcome` allocate a relay that carries packets both
 //! ways; loopback peers are refused unless allowed; wrong, expired and over-quota credentials are
-//! refused and counted; STUN over TCP answers.
+//! refused and counted; STUN over TCP answers; the same credentials work against coturn.
 
 mod common;
 
@@ -87,6 +87,32 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
+/// A packet out through `relay` to a socket outside, and its answer back in.
+async fn relays_both_ways(relay: &impl Conn) {
+    let relay_addr = relay.local_addr().unwrap();
+    let outside = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let outside_addr = outside.local_addr().unwrap();
+    relay
+        .send_to(b"through the relay", outside_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = timeout(Duration::from_secs(5), outside.recv_from(&mut buf))
+        .await
+        .expect("the packet came out of the relay")
+        .unwrap();
+    assert_eq!(&buf[..n], b"through the relay");
+    assert_eq!(from, relay_addr);
+    // Back: the permission made by sending lets the answer in.
+    outside.send_to(b"and back", relay_addr).await.unwrap();
+    let (n, from) = timeout(Duration::from_secs(5), relay.recv_from(&mut buf))
+        .await
+        .expect("the answer came back through the relay")
+        .unwrap();
+    assert_eq!(&buf[..n], b"and back");
+    assert_eq!(from, outside_addr);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_welcome_credential_relays_both_ways() {
     let server = server_with(turn_config(true)).await;
@@ -114,27 +140,7 @@ async fn a_welcome_credential_relays_both_ways() {
     assert!((40000..=40999).contains(&relay_addr.port()));
     assert_eq!(metric(server.addr, "beamdrop_turn_allocations ").await, 1);
 
-    let outside = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let outside_addr = outside.local_addr().unwrap();
-    relay
-        .send_to(b"through the relay", outside_addr)
-        .await
-        .unwrap();
-    let mut buf = [0u8; 64];
-    let (n, from) = timeout(Duration::from_secs(5), outside.recv_from(&mut buf))
-        .await
-        .expect("the packet came out of the relay")
-        .unwrap();
-    assert_eq!(&buf[..n], b"through the relay");
-    assert_eq!(from, relay_addr);
-    // Back: the permission made by sending lets the answer in.
-    outside.send_to(b"and back", relay_addr).await.unwrap();
-    let (n, from) = timeout(Duration::from_secs(5), relay.recv_from(&mut buf))
-        .await
-        .expect("the answer came back through the relay")
-        .unwrap();
-    assert_eq!(&buf[..n], b"and back");
-    assert_eq!(from, outside_addr);
+    relays_both_ways(&relay).await;
     assert_eq!(
         metric(server.addr, "beamdrop_turn_relayed_bytes_total ").await,
         (b"through the relay".len() + b"and back".len()) as u64
@@ -346,4 +352,81 @@ async fn a_connected_peer_gets_fresh_credentials_before_its_expire() {
     assert!(expiry(&fresh) > expiry(&first), "{fresh:?} vs {first:?}");
     assert_eq!(fresh[0].urls, first[0].urls);
     stop(server).await;
+}
+
+/// The welcome's credentials against a real coturn run with `use-auth-secret` and the same
+/// `static-auth-secret` (no built-in server: `[turn]` lists coturn's URL): a deployment can put
+/// coturn nodes behind the same config. A wrong password is refused by coturn too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_credentials_work_against_coturn() {
+    let port = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let dir = std::env::temp_dir().join(format!("beamdrop-coturn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut coturn = std::process::Command::new("turnserver")
+        .args(["-c", "/dev/null", "-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log"])
+        .arg("--listening-ip=127.0.0.1")
+        .arg(format!("--listening-port={port}"))
+        .arg("--relay-ip=127.0.0.1")
+        .args(["--min-port=41000", "--max-port=41999", "--allow-loopback-peers"])
+        .args(["--use-auth-secret", &format!("--static-auth-secret={SECRET}")])
+        .arg("--realm=beamdrop")
+        .arg(format!("--db={}", dir.join("turndb").display()))
+        .arg(format!("--log-file={}", dir.join("turn.log").display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("turnserver (Debian's coturn; scripts/setup.sh installs it) starts");
+    let coturn_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let server = server_with(Config {
+        turn: Some(TurnConfig {
+            listen: None,
+            urls: vec![format!("turn:{coturn_addr}?transport=udp")],
+            secret: SECRET.into(),
+            ..TurnConfig::default()
+        }),
+        ..config()
+    })
+    .await;
+    assert_eq!(server.turn_addr, None, "no built-in server");
+    let (peer, entry) = credentials(server.addr).await;
+    assert_eq!(entry.urls, vec![format!("turn:{coturn_addr}?transport=udp")]);
+    let (username, password) = (entry.username.unwrap(), entry.credential.unwrap());
+    assert!(username.ends_with(&format!(":{peer}")), "{username}");
+
+    // coturn takes a moment to listen.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (c, relay) = loop {
+        let c = client(coturn_addr, &username, &password).await;
+        match timeout(Duration::from_secs(2), c.allocate()).await {
+            Ok(Ok(relay)) => break (c, relay),
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer".to_string(),
+                };
+                c.close().await.unwrap();
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "coturn refused the welcome's credential: {why}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    relays_both_ways(&relay).await;
+    c.close().await.unwrap();
+
+    let wrong = client(coturn_addr, &username, "d3JvbmcgcGFzc3dvcmQ=").await;
+    assert!(
+        wrong.allocate().await.is_err(),
+        "coturn allocated with a wrong password"
+    );
+    wrong.close().await.unwrap();
+    stop(server).await;
+    let _ = coturn.kill();
+    let _ = coturn.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }
