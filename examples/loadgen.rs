@@ -1497,7 +1497,9 @@ fn classify(msg: ServerMsg, token: &str) -> Result<Got, String> {
                 SignalPayload::Answer { sdp } => (Got::Answer, sdp),
                 SignalPayload::Candidate { candidate, .. } => (Got::Candidate, candidate),
                 // The load generator's handshakes are offer, answer and candidates only.
-                SignalPayload::Hello { .. } | SignalPayload::Rejected => return Ok(Got::Stale),
+                SignalPayload::Hello { .. }
+                | SignalPayload::Rejected
+                | SignalPayload::Moved { .. } => return Ok(Got::Stale),
             };
             Ok(if text.contains(token) {
                 got

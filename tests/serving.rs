@@ -162,15 +162,18 @@ async fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
     let server = server_with(Config {
         limits: Limits {
             header_read_timeout_secs: 1,
+            // All from 127.0.0.1: the per-address cap would turn most away before this test
+            // could see the timeout at work (that cap has a test of its own).
+            max_http_connections_per_ip: 0,
             ..Limits::default()
         },
         ..config()
     })
     .await;
     let addr = server.addr;
-    // A few slowloris clients: one header byte every 200 ms, never the blank line.
+    // A thousand slowloris clients: one header byte every 200 ms, never the blank line.
     let started = Instant::now();
-    let slow: Vec<_> = (0..20)
+    let slow: Vec<_> = (0..1000)
         .map(|_| {
             tokio::spawn(async move {
                 let mut tcp = TcpStream::connect(addr).await.unwrap();
@@ -202,10 +205,117 @@ async fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
         let cut = client.await.expect("slow client task");
         let after = cut - started;
         // The timeout is 1 s; trickled bytes do not extend it. A loaded machine may be late.
-        assert!(after < Duration::from_secs(5), "cut after {after:?}");
+        assert!(after < Duration::from_secs(8), "cut after {after:?}");
     }
     let (_ws, _me) = connect(addr).await;
+    let metrics = metrics_text(addr).await;
+    assert!(
+        metrics.contains("beamdrop_rejections_total{reason=\"header_timeout\"} 1000"),
+        "{metrics}"
+    );
     stop(server).await;
+}
+
+async fn metrics_text(addr: SocketAddr) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    get(&mut tcp, "/metrics").await.1
+}
+
+/// Whether the server closed `tcp` (a read gives 0 or an error) within `within`.
+async fn closed_within(tcp: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    matches!(
+        timeout(within, tcp.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_request_is_closed() {
+    let server = server_with(Config {
+        limits: Limits {
+            header_read_timeout_secs: 1,
+            ..Limits::default()
+        },
+        ..config()
+    })
+    .await;
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_within(&mut idle, Duration::from_secs(5)).await);
+    // And after a request, an idle keep-alive connection is closed the same way.
+    let mut kept = TcpStream::connect(server.addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = timeout(STEP, kept.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(closed_within(&mut kept, Duration::from_secs(5)).await);
+    stop(server).await;
+}
+
+#[tokio::test]
+async fn connections_over_the_accept_caps_are_closed_before_a_byte_is_read() {
+    // Per address.
+    let server = server_with(Config {
+        limits: Limits {
+            max_http_connections_per_ip: 3,
+            ..Limits::default()
+        },
+        ..config()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Accepted in order: give the loop a moment to take the three.
+    sleep(Duration::from_millis(200)).await;
+    let mut fourth = TcpStream::connect(server.addr).await.unwrap();
+    assert!(
+        closed_within(&mut fourth, STEP).await,
+        "the fourth was kept"
+    );
+    // The first ones are served.
+    let (status, _) = get(&mut held[0], "/healthz").await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    drop(held);
+    let metrics = eventually_metrics(server.addr).await;
+    assert!(
+        metrics.contains("beamdrop_rejections_total{reason=\"connection_ip_cap\"} 1"),
+        "{metrics}"
+    );
+    stop(server).await;
+
+    // Per node: WebSockets count too.
+    let server = server_with(Config {
+        limits: Limits {
+            max_connections: 2,
+            ..Limits::default()
+        },
+        ..config()
+    })
+    .await;
+    let (_ws, _) = connect(server.addr).await;
+    let _http = TcpStream::connect(server.addr).await.unwrap();
+    sleep(Duration::from_millis(200)).await;
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    assert!(closed_within(&mut third, STEP).await, "the third was kept");
+    stop(server).await;
+}
+
+/// `/metrics` once the server has let go of closed connections (a slot frees when its task ends).
+async fn eventually_metrics(addr: SocketAddr) -> String {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let (status, body) = get(&mut tcp, "/metrics").await;
+        if status.contains("200") {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "no /metrics: {status}");
+        sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The accept queue length the kernel reports for a listening port (`ss`'s Send-Q).

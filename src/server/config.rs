@@ -159,6 +159,12 @@ pub struct Limits {
     pub header_read_timeout_secs: u64,
     /// Connections the kernel queues before they are accepted (capped by `net.core.somaxconn`).
     pub listen_backlog: u32,
+    /// Open connections on this node, HTTP and WebSocket together; more are closed as they are
+    /// accepted (keep it under the process's open-file limit). 0 is unlimited.
+    pub max_connections: usize,
+    /// Open TCP connections from one client address (IPv6: one /64), counted at accept, before
+    /// any byte is read; trusted proxies are exempt. 0 is unlimited.
+    pub max_http_connections_per_ip: usize,
 }
 
 impl Default for Config {
@@ -191,6 +197,8 @@ impl Default for Limits {
             max_connections_per_ip: 64,
             header_read_timeout_secs: 10,
             listen_backlog: 1024,
+            max_connections: 16_000,
+            max_http_connections_per_ip: 256,
         }
     }
 }

@@ -48,6 +48,15 @@ labels! {
         BadFrame => "bad_frame",
         Origin => "origin",
         IpCap => "ip_cap",
+        /// A TCP connection closed at accept: the node holds `max_connections` already.
+        ConnectionCap => "connection_cap",
+        /// A TCP connection closed at accept: its address holds `max_http_connections_per_ip`.
+        ConnectionIpCap => "connection_ip_cap",
+        /// A connection closed for sending its request headers (or TLS handshake) too slowly.
+        HeaderTimeout => "header_timeout",
+        /// An HTTP connection closed after `header_read_timeout_secs` with no request under way
+        /// and no byte either way (never sent one, or an idle keep-alive).
+        IdleConnection => "idle_connection",
         IdleTimeout => "idle_timeout",
         RegistrationFailed => "registration_failed",
     }
@@ -106,11 +115,14 @@ pub enum Gauge {
     Shares,
     /// Live relay allocations on this node's TURN server.
     TurnAllocations,
+    /// Accepted TCP connections not (yet) upgraded to a WebSocket.
+    HttpConnections,
 }
 
 #[derive(Debug, Default)]
 pub struct Metrics {
     peers_connected: AtomicI64,
+    http_connections: AtomicI64,
     shares: AtomicI64,
     connections: AtomicU64,
     messages_received: AtomicU64,
@@ -146,6 +158,7 @@ impl Metrics {
             Gauge::PeersConnected => &self.peers_connected,
             Gauge::Shares => &self.shares,
             Gauge::TurnAllocations => &self.turn_allocations,
+            Gauge::HttpConnections => &self.http_connections,
         }
     }
 
@@ -262,6 +275,12 @@ impl Metrics {
             "gauge",
             "Peers with a registered signaling socket on this node.",
             self.peers_connected.load(Relaxed).to_string(),
+        );
+        single(
+            "beamdrop_http_connections",
+            "gauge",
+            "Accepted TCP connections serving HTTP (WebSockets count in peers_connected).",
+            self.http_connections.load(Relaxed).to_string(),
         );
         single(
             "beamdrop_shares",

@@ -207,11 +207,23 @@ pub async fn start(
     let addr = listener.local_addr().map_err(bind_error)?;
     let (stop, shutdown) = watch::channel(false);
     let turn_config = config.turn.clone();
-    let options = serve::ServeOptions {
-        header_read_timeout: config.limits.header_read_timeout(),
-        tls: tls.map(Arc::new),
-    };
+    let (header_read_timeout, per_ip, max_connections, trusted_proxies) = (
+        config.limits.header_read_timeout(),
+        config.limits.max_http_connections_per_ip,
+        config.limits.max_connections,
+        config.trusted_proxies.clone(),
+    );
     let mut state = AppState::new(leptos_options, broker.clone(), config);
+    let options = serve::ServeOptions {
+        header_read_timeout,
+        tls: tls.map(Arc::new),
+        admission: serve::Admission {
+            max_connections,
+            per_ip: limits::IpConnections::new(per_ip),
+            trusted_proxies,
+            metrics: state.metrics.clone(),
+        },
+    };
     let turn = match &turn_config {
         Some(c) => Some(turn::Turn::start(c, state.metrics.clone()).await?),
         None => None,
