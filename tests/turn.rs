@@ -366,12 +366,27 @@ async fn welcome_credentials_work_against_coturn() {
     let dir = std::env::temp_dir().join(format!("beamdrop-coturn-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut coturn = std::process::Command::new("turnserver")
-        .args(["-c", "/dev/null", "-n", "--no-cli", "--no-tls", "--no-dtls", "--simple-log"])
+        .args([
+            "-c",
+            "/dev/null",
+            "-n",
+            "--no-cli",
+            "--no-tls",
+            "--no-dtls",
+            "--simple-log",
+        ])
         .arg("--listening-ip=127.0.0.1")
         .arg(format!("--listening-port={port}"))
         .arg("--relay-ip=127.0.0.1")
-        .args(["--min-port=41000", "--max-port=41999", "--allow-loopback-peers"])
-        .args(["--use-auth-secret", &format!("--static-auth-secret={SECRET}")])
+        .args([
+            "--min-port=41000",
+            "--max-port=41999",
+            "--allow-loopback-peers",
+        ])
+        .args([
+            "--use-auth-secret",
+            &format!("--static-auth-secret={SECRET}"),
+        ])
         .arg("--realm=beamdrop")
         .arg(format!("--db={}", dir.join("turndb").display()))
         .arg(format!("--log-file={}", dir.join("turn.log").display()))
@@ -392,7 +407,10 @@ async fn welcome_credentials_work_against_coturn() {
     .await;
     assert_eq!(server.turn_addr, None, "no built-in server");
     let (peer, entry) = credentials(server.addr).await;
-    assert_eq!(entry.urls, vec![format!("turn:{coturn_addr}?transport=udp")]);
+    assert_eq!(
+        entry.urls,
+        vec![format!("turn:{coturn_addr}?transport=udp")]
+    );
     let (username, password) = (entry.username.unwrap(), entry.credential.unwrap());
     assert!(username.ends_with(&format!(":{peer}")), "{username}");
 
