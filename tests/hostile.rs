@@ -71,9 +71,15 @@ async fn read_to_end(ws: &mut Ws) -> Tail {
 
 /// A plain HTTP/1.1 GET: (status, content type, body).
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http_get_with(addr, path, "").await
+}
+
+/// A GET with extra header lines (each ending in `\r\n`).
+async fn http_get_with(addr: SocketAddr, path: &str, headers: &str) -> (u16, String, String) {
     let attempt = async {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n");
         tcp.write_all(request.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         tcp.read_to_end(&mut raw).await.unwrap();
@@ -583,4 +589,47 @@ async fn behind_a_trusted_proxy_the_per_ip_cap_counts_the_real_clients() {
         429
     );
     stop(direct).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_for_the_operator_only() {
+    let server = server().await;
+    let addr = server.addr;
+    // From this machine, straight: served.
+    assert_eq!(http_get(addr, "/metrics").await.0, 200);
+    // Relayed by a proxy (so from anyone): refused, and counted.
+    let proxied = "X-Forwarded-For: 203.0.113.7\r\n";
+    assert_eq!(http_get_with(addr, "/metrics", proxied).await.0, 403);
+    assert_eq!(
+        metric(
+            addr,
+            "beamdrop_rejections_total{reason=\"metrics_refused\"}"
+        )
+        .await,
+        1
+    );
+    stop(server).await;
+
+    // With a token: whoever brings it.
+    let server = server_with(Config {
+        metrics_token: "operator-token".into(),
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+    let with = |token: &str| format!("{proxied}Authorization: Bearer {token}\r\n");
+    assert_eq!(
+        http_get_with(addr, "/metrics", &with("operator-token"))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        http_get_with(addr, "/metrics", &with("operator-tokem"))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(http_get_with(addr, "/metrics", proxied).await.0, 403);
+    stop(server).await;
 }

@@ -3,6 +3,7 @@
 // started inside the host namespaces, and the selected ICE candidate pair read from the pages.
 import { chromium, expect, type Browser, type Page } from '@playwright/test';
 import { spawn, execFile, execFileSync, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -18,6 +19,9 @@ export const SERVER_BIN = path.join(ROOT, 'target', 'release', 'beamdrop');
 export const SERVER_IP = '198.18.0.1';
 export const HTTP_PORT = 8080;
 export const ORIGIN = `http://${SERVER_IP}:${HTTP_PORT}`;
+
+/** Opens the server's /metrics to the test (which reaches it from outside loopback). */
+const METRICS_TOKEN = randomBytes(16).toString('hex');
 
 export type NatCase = 'cone' | 'symmetric' | 'udp-blocked';
 
@@ -66,7 +70,9 @@ export class Topology {
 
   /** GET on the server from inside the public namespace (the test itself runs in the root one). */
   async get(urlPath: string): Promise<{ status: number; body: string }> {
-    const out = await this.exec(this.pub, 'curl', ['-s', '-m', '5', '-w', '\n%{http_code}', `${ORIGIN}${urlPath}`], 10_000);
+    // Reached from the public namespace, not loopback: /metrics wants the token.
+    const auth = `Authorization: Bearer ${METRICS_TOKEN}`;
+    const out = await this.exec(this.pub, 'curl', ['-s', '-m', '5', '-H', auth, '-w', '\n%{http_code}', `${ORIGIN}${urlPath}`], 10_000);
     const cut = out.lastIndexOf('\n');
     return { status: Number(out.slice(cut + 1)), body: out.slice(0, cut) };
   }
@@ -113,7 +119,7 @@ export function checkPrerequisites(): void {
 
 /** The server's config file: `turn` = the [turn] section's body, or undefined for none. */
 export function serverConfig(turn: string | undefined, extra = ''): string {
-  let toml = `listen = "${SERVER_IP}:${HTTP_PORT}"\nbroker = "memory://"\n${extra}\n`;
+  let toml = `listen = "${SERVER_IP}:${HTTP_PORT}"\nbroker = "memory://"\nmetrics_token = "${METRICS_TOKEN}"\n${extra}\n`;
   if (turn !== undefined) toml += `\n[turn]\n${turn}\n`;
   return toml;
 }

@@ -34,6 +34,10 @@ pub struct Config {
     /// itself a trusted proxy. From anyone else the header is ignored (it is the client's to forge).
     #[serde(deserialize_with = "proxies")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `/metrics` is for the operator: without a token it answers only requests from a loopback
+    /// address that came through no proxy (no `X-Forwarded-For`); with one, also any request
+    /// carrying `Authorization: Bearer <token>`. Also `BEAMDROP_METRICS_TOKEN`.
+    pub metrics_token: String,
 }
 
 /// An address range (`10.0.0.0/8`) or one address (`10.0.0.7`, a range of one).
@@ -178,6 +182,7 @@ impl Default for Config {
             turn: None,
             tls: None,
             trusted_proxies: Vec::new(),
+            metrics_token: String::new(),
         }
     }
 }
@@ -269,6 +274,13 @@ pub struct Cli {
         value_parser = parse_net
     )]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Token that opens /metrics to requests from anywhere (Authorization: Bearer <token>).
+    #[arg(
+        long = "metrics-token",
+        env = "BEAMDROP_METRICS_TOKEN",
+        hide_env_values = true
+    )]
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -338,6 +350,9 @@ impl Config {
         }
         if !cli.trusted_proxies.is_empty() {
             config.trusted_proxies = cli.trusted_proxies.clone();
+        }
+        if let Some(token) = &cli.metrics_token {
+            config.metrics_token = token.clone();
         }
         Ok(config)
     }

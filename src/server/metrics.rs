@@ -57,6 +57,8 @@ labels! {
         /// An HTTP connection closed after `header_read_timeout_secs` with no request under way
         /// and no byte either way (never sent one, or an idle keep-alive).
         IdleConnection => "idle_connection",
+        /// `/metrics` asked for from elsewhere than loopback without the metrics token.
+        MetricsRefused => "metrics_refused",
         IdleTimeout => "idle_timeout",
         RegistrationFailed => "registration_failed",
     }

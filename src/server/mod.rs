@@ -11,15 +11,19 @@ pub mod turn;
 mod ws;
 
 use crate::app::{shell, App};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{FromRef, State};
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use broker::DynBroker;
 use config::Config;
 use leptos::prelude::LeptosOptions;
 use leptos_axum::{file_and_error_handler, generate_route_list, LeptosRoutes};
+use metrics::Rejection;
+use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,8 +117,30 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text exposition.
-async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
+/// Prometheus text exposition, for the operator only (see `Config::metrics_token`).
+async fn metrics_text(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
+) -> Response {
+    let local = connect_info.is_some_and(|Extension(ConnectInfo(addr))| addr.ip().is_loopback())
+        && !headers.contains_key("x-forwarded-for");
+    let token = &state.config.metrics_token;
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Digests compared, so the time taken says nothing about how much of a guess was right.
+    let token_ok = !token.is_empty()
+        && bearer.is_some_and(|b| Sha256::digest(b.as_bytes()) == Sha256::digest(token.as_bytes()));
+    if !local && !token_ok {
+        state.metrics.reject(Rejection::MetricsRefused);
+        return (
+            StatusCode::FORBIDDEN,
+            "metrics are served to loopback, or with the metrics token",
+        )
+            .into_response();
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -122,6 +148,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
         )],
         state.metrics.render(),
     )
+        .into_response()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +337,8 @@ mod tests {
         let response = healthz(State(down.clone())).await.into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(down.metrics.backend_errors(), 1);
-        let text = body(metrics_text(State(down)).await.into_response()).await;
+        let local = Extension(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9))));
+        let text = body(metrics_text(State(down), HeaderMap::new(), Some(local)).await).await;
         assert!(
             text.contains("\nbeamdrop_backend_errors_total 1\n"),
             "{text}"
