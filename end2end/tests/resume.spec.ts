@@ -64,6 +64,10 @@ test('a receiver reloaded mid-transfer resumes where it stopped: verified, and l
     const context = await receiverBrowser.newContext({ acceptDownloads: true });
     await recordStatuses(context);
     const receiver = await context.newPage();
+    const complaints: string[] = [];
+    receiver.on('console', (m) => {
+      if (m.type() === 'error' || m.type() === 'warning') complaints.push(m.text());
+    });
     await receiver.goto(url);
     await expect(receiver.getByTestId('status')).toContainText('Connected');
     const item = receiver.getByTestId('file-item').filter({ hasText: 'resume-64MiB.bin' });
@@ -73,7 +77,13 @@ test('a receiver reloaded mid-transfer resumes where it stopped: verified, and l
     // Reload: the page starts from nothing but what it left in OPFS.
     const download = receiver.waitForEvent('download', { timeout: 120_000 });
     await receiver.reload();
-    const saved = await (await download).path();
+    const saved = await download
+      .then((d) => d.path())
+      .catch(async (e) => {
+        // Say where it stood, so a failure here can be told apart from the others.
+        const rows = await item.textContent().catch(() => '(no row)');
+        throw new Error(`${e}\nstatuses seen after the reload: ${(await seen(receiver)).join(' → ')}\nrow: ${rows}\nconsole: ${complaints.join(' | ')}`);
+      });
     expect(sha256(saved)).toBe(sha256(file));
     await expect(item.getByTestId('file-status')).toHaveText('verified');
     const statuses = await seen(receiver);

@@ -33,6 +33,11 @@ pub enum ClientError {
     Seal(#[from] SealError),
     #[error("unreadable signaling payload: {0}")]
     BadPayload(String),
+    #[error(
+        "this file is being received in another tab or window of this browser (what arrived \
+         here so far is kept)"
+    )]
+    FileBusy,
 }
 
 impl From<JsValue> for ClientError {

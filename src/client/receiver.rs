@@ -828,11 +828,10 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             if let Some(d) = s.finish_download(&key) {
                 d.row.status.set(FileStatus::Failed(message));
             }
+            // Its files are released, not deleted: what was verified stays on disk, and trying
+            // again (after freeing space, or closing the other tab) resumes from there.
             let sink = s.sink()?;
-            sink.command(SinkCmd::Discard {
-                share: s.share.to_string(),
-                key: key.clone(),
-            });
+            sink.command(SinkCmd::Close { key: key.clone() });
             if s.batch.as_ref().is_some_and(|b| b.pending.contains(&key)) {
                 return Some(Saving {
                     sink,

@@ -223,6 +223,18 @@ impl Worker {
     }
 }
 
+/// How long opening a file waits for another worker's access handle on it to go: a reloaded
+/// page's new worker can ask before the old page's worker has been torn down.
+const BUSY_WAIT_MS: u32 = 10_000;
+
+/// Whether `e` says another access handle (or writable) holds the file.
+fn is_busy(e: &JsValue) -> bool {
+    js_sys::Reflect::get(e, &"name".into())
+        .ok()
+        .and_then(|name| name.as_string())
+        .is_some_and(|name| name == "NoModificationAllowedError")
+}
+
 async fn open_handle(
     dir: &FileSystemDirectoryHandle,
     name: &str,
@@ -231,8 +243,19 @@ async fn open_handle(
     options.set_create(true);
     let file = JsFuture::from(dir.get_file_handle_with_options(name, &options)).await?;
     let file: FileSystemFileHandle = file.dyn_into()?;
-    let handle = JsFuture::from(file.create_sync_access_handle()).await?;
-    Ok(handle.dyn_into()?)
+    let (mut waited, mut pause) = (0, 25);
+    loop {
+        match JsFuture::from(file.create_sync_access_handle()).await {
+            Ok(handle) => return Ok(handle.dyn_into()?),
+            Err(e) if is_busy(&e) && waited < BUSY_WAIT_MS => {
+                gloo_timers::future::TimeoutFuture::new(pause).await;
+                waited += pause;
+                pause = (pause * 2).min(500);
+            }
+            Err(e) if is_busy(&e) => return Err(ClientError::FileBusy),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn open_files(share: &str, key: &str) -> Result<(OpfsData, OpfsRecord), ClientError> {

@@ -347,7 +347,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
     }
 
     /// Stops feeding `key` after a storage error; the page releases its files with
-    /// [`SinkCmd::Discard`].
+    /// [`SinkCmd::Close`] (what was verified stays for a later attempt).
     fn fail(&mut self, key: &str, e: &TransferError) -> SinkEvent {
         self.transfers.retain(|_, (k, _)| k != key);
         SinkEvent::Failed {
