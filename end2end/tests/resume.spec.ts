@@ -57,6 +57,10 @@ test('a receiver reloaded mid-transfer resumes where it stopped: verified, and l
   const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
   try {
     const sender = await openPage(senderBrowser, '/');
+    const complaints: string[] = [];
+    sender.on('console', (m) => {
+      if (m.type() === 'error' || m.type() === 'warning') complaints.push(`sender: ${m.text()}`);
+    });
     await hydrated(sender);
     await sender.getByTestId('file-input').setInputFiles([file]);
     const url = await shareLink(sender);
@@ -64,9 +68,8 @@ test('a receiver reloaded mid-transfer resumes where it stopped: verified, and l
     const context = await receiverBrowser.newContext({ acceptDownloads: true });
     await recordStatuses(context);
     const receiver = await context.newPage();
-    const complaints: string[] = [];
     receiver.on('console', (m) => {
-      if (m.type() === 'error' || m.type() === 'warning') complaints.push(m.text());
+      if (m.type() === 'error' || m.type() === 'warning') complaints.push(`receiver: ${m.text()}`);
     });
     await receiver.goto(url);
     await expect(receiver.getByTestId('status')).toContainText('Connected');
@@ -81,8 +84,9 @@ test('a receiver reloaded mid-transfer resumes where it stopped: verified, and l
       .then((d) => d.path())
       .catch(async (e) => {
         // Say where it stood, so a failure here can be told apart from the others.
-        const rows = await item.textContent().catch(() => '(no row)');
-        throw new Error(`${e}\nstatuses seen after the reload: ${(await seen(receiver)).join(' → ')}\nrow: ${rows}\nconsole: ${complaints.join(' | ')}`);
+        const rows = await item.textContent({ timeout: 2000 }).catch(() => '(no row)');
+        const senderSide = await sender.locator('main').textContent({ timeout: 2000 }).catch(() => '(no page)');
+        throw new Error(`${e}\nstatuses seen after the reload: ${(await seen(receiver)).join(' → ')}\nrow: ${rows}\nsender page: ${senderSide}\nconsole: ${complaints.join(' | ')}`);
       });
     expect(sha256(saved)).toBe(sha256(file));
     await expect(item.getByTestId('file-status')).toHaveText('verified');
