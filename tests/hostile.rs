@@ -633,3 +633,108 @@ async fn metrics_are_for_the_operator_only() {
     assert_eq!(http_get_with(addr, "/metrics", proxied).await.0, 403);
     stop(server).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_pins_no_more_than_its_inbox_bytes_and_is_let_go() {
+    // A stops reading (a tiny receive window, nothing read after its introduction) but keeps
+    // talking, so no idle timeout saves the server; B floods it with 60 KiB signals. A's inbox
+    // must hold at most `inbox_bytes`, B must be told A is busy, and A must be let go once a
+    // frame waits longer than the grace plus its size at the floor rate.
+    const KIB: usize = 1024;
+    let server = server_with(Config {
+        limits: Limits {
+            inbox_bytes: 256 * KIB,
+            min_read_bytes_per_sec: 16 * KIB,
+            slow_reader_grace_secs: 1,
+            idle_timeout_secs: 60,
+            ping_interval_secs: 30,
+            // The flood must reach A's inbox, not B's rate limit.
+            rate_limit_per_sec: 0,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * KIB as u32).unwrap();
+    let tcp = socket.connect(addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws"), tcp)
+        .await
+        .unwrap();
+    let (mut a, a_id) = welcome(ws).await;
+    let share = create_share(&mut a).await;
+    let (mut b, b_id) = connect(addr).await;
+    introduce(&mut a, a_id, &share, &mut b, b_id).await;
+
+    // From here A only writes: a ping every 300 ms, until the server lets it go.
+    let (mut a_tx, a_rx) = a.split();
+    let talker = tokio::spawn(async move {
+        let ping = serde_json::to_string(&ClientMsg::Ping).unwrap();
+        while timeout(
+            Duration::from_secs(2),
+            a_tx.send(Message::text(ping.clone())),
+        )
+        .await
+        .is_ok_and(|sent| sent.is_ok())
+        {
+            sleep(Duration::from_millis(300)).await;
+        }
+    });
+    // The most A's inbox (the only one with traffic) held, sampled every 50 ms.
+    let sampler = tokio::spawn(async move {
+        let mut most = 0;
+        loop {
+            most = most.max(metric(addr, "beamdrop_inbox_bytes").await);
+            if metric(addr, "beamdrop_disconnects_total{cause=\"slow_reader\"}").await > 0 {
+                return most;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    });
+
+    let started = Instant::now();
+    let big = "s".repeat(60 * KIB);
+    for _ in 0..300 {
+        signal(&mut b, a_id, &big).await;
+    }
+    let mut busy = 0;
+    loop {
+        match recv_within(&mut b, Duration::from_secs(15)).await {
+            Some(ServerMsg::Error {
+                code: ErrorCode::PeerBusy,
+                ..
+            }) => busy += 1,
+            Some(ServerMsg::Error {
+                code: ErrorCode::UnknownPeer,
+                ..
+            }) => {}
+            Some(ServerMsg::PeerLeft { peer }) if peer == a_id => break,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!(
+                "A still registered {:?} after the flood ({busy} busy replies)",
+                started.elapsed()
+            ),
+        }
+    }
+    let let_go_after = started.elapsed();
+    let most = timeout(Duration::from_secs(10), sampler)
+        .await
+        .expect("slow_reader counted")
+        .unwrap();
+    println!(
+        "slow reader let go after {let_go_after:?}; its inbox held at most {most} B; {busy} \
+         signals refused as busy"
+    );
+    assert!(
+        busy > 0,
+        "the flood never filled A's inbox: the test proves nothing"
+    );
+    assert!(most > 0, "the inbox was never seen holding anything");
+    assert!(most <= 256 * KIB as i64, "the inbox held {most} B");
+    assert!(let_go_after < Duration::from_secs(20), "{let_go_after:?}");
+    assert_eq!(metric(addr, "beamdrop_inbox_bytes").await, 0);
+    drop(a_rx);
+    talker.abort();
+    stop(server).await;
+}

@@ -137,8 +137,15 @@ impl Default for TurnConfig {
 pub struct Limits {
     /// Largest WebSocket message accepted from a client, in bytes.
     pub max_frame_bytes: usize,
-    /// Messages queued for one peer before publishers get `peer_busy`.
+    /// Messages queued for one peer before publishers get `peer_busy`...
     pub inbox_capacity: usize,
+    /// ...and bytes (signals carry up to `max_frame_bytes` each).
+    pub inbox_bytes: usize,
+    /// The slowest a client may read: a frame it is sent must be taken within
+    /// `slow_reader_grace_secs` plus its size at this rate (bytes per second), or the socket is
+    /// closed (its inbox would otherwise sit full for every sender).
+    pub min_read_bytes_per_sec: usize,
+    pub slow_reader_grace_secs: u64,
     /// Shares one connection may own at once.
     pub max_shares_per_peer: usize,
     /// Seconds between server pings.
@@ -192,6 +199,9 @@ impl Default for Limits {
         Self {
             max_frame_bytes: 64 * 1024,
             inbox_capacity: 256,
+            inbox_bytes: 1024 * 1024,
+            min_read_bytes_per_sec: 16 * 1024,
+            slow_reader_grace_secs: 5,
             max_shares_per_peer: 16,
             ping_interval_secs: 20,
             idle_timeout_secs: 60,
@@ -214,6 +224,16 @@ impl Limits {
     }
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
+    }
+    /// How long a frame of `bytes` may wait for the client to take it.
+    pub fn send_limit(&self, bytes: usize) -> Duration {
+        let floor = self.min_read_bytes_per_sec.max(1) as f64;
+        Duration::from_secs(self.slow_reader_grace_secs.max(1))
+            + Duration::from_secs_f64(bytes as f64 / floor)
+    }
+    /// What one peer's inbox may hold.
+    pub fn inbox(&self) -> crate::server::broker::InboxLimits {
+        crate::server::broker::InboxLimits::new(self.inbox_capacity, self.inbox_bytes)
     }
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs.max(1))

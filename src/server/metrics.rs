@@ -72,6 +72,8 @@ labels! {
         IdleTimeout => "idle_timeout",
         BadFrame => "bad_frame",
         RateLimited => "rate_limited",
+        /// The client took what it was sent slower than `min_read_bytes_per_sec`.
+        SlowReader => "slow_reader",
         Shutdown => "shutdown",
         RegistrationFailed => "registration_failed",
     }
@@ -267,11 +269,18 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// `inbox_bytes`: what the broker's inboxes on this node hold now.
+    pub fn render(&self, inbox_bytes: usize) -> String {
         let mut out = String::with_capacity(4096);
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
             single_into(&mut out, name, kind, help, value)
         };
+        single(
+            "beamdrop_inbox_bytes",
+            "gauge",
+            "Bytes of messages waiting in this node's peer inboxes.",
+            inbox_bytes.to_string(),
+        );
         single(
             "beamdrop_peers_connected",
             "gauge",
@@ -465,10 +474,11 @@ mod tests {
         let _relay = m.track(Gauge::TurnAllocations);
         m.turn_relayed(1200);
         m.turn_refuse(TurnRefusal::PrivatePeer);
-        let text = m.render();
+        let text = m.render(4096);
         for line in [
             "# TYPE beamdrop_peers_connected gauge",
             "beamdrop_peers_connected 1",
+            "beamdrop_inbox_bytes 4096",
             "beamdrop_shares 0",
             "beamdrop_messages_relayed_total 1",
             "beamdrop_shares_reclaimed_total 1",

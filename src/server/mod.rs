@@ -146,7 +146,7 @@ async fn metrics_text(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.render(state.broker.queued_bytes()),
     )
         .into_response()
 }
@@ -225,7 +225,7 @@ pub async fn start(
         }) => Some(tls::Tls::from_pem_files(cert, key)?),
         Some(_) => return Err(tls::TlsError::Incomplete.into()),
     };
-    let broker = broker::from_uri(&config.broker, config.limits.inbox_capacity).await?;
+    let broker = broker::from_uri(&config.broker, config.limits.inbox()).await?;
     let bind_error = |source| StartError::Bind {
         addr: config.listen,
         source,
@@ -312,6 +312,9 @@ mod tests {
             down()
         }
         fn close(&self) {}
+        fn queued_bytes(&self) -> usize {
+            0
+        }
     }
 
     fn state(broker: DynBroker) -> AppState {
@@ -328,7 +331,10 @@ mod tests {
 
     #[tokio::test]
     async fn healthz_follows_the_broker_backend() {
-        let up = state(Arc::new(MemoryBroker::new(8)));
+        let up = state(Arc::new(MemoryBroker::new(broker::InboxLimits::new(
+            8,
+            1 << 20,
+        ))));
         let response = healthz(State(up)).await.into_response();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body(response).await, "ok");

@@ -141,9 +141,20 @@ fn json_frame(msg: &ServerMsg) -> Message {
     Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
 }
 
-/// Sends one frame, giving up after `limit`. A client that stops reading eventually fills the TCP
-/// buffers; an unbounded send would then wedge its task forever: no idle timeout, no shutdown, and
-/// the peer and its shares would stay registered.
+/// Why a frame was not sent.
+#[derive(Debug, PartialEq, Eq)]
+enum Unsent {
+    /// The socket failed or closed.
+    Closed,
+    /// The client did not take it within [`Limits::send_limit`]: it reads slower than the floor
+    /// rate (or not at all).
+    TooSlow,
+}
+
+/// Sends one frame, giving up after [`Limits::send_limit`] for its size. A client that stops
+/// reading fills the TCP buffers; waiting on it would wedge its task (no idle timeout, no
+/// shutdown, the peer and its shares registered) and keep its inbox full, so a reader slower
+/// than the floor rate is let go.
 ///
 /// Nearly every send completes at once; only one that has to wait gets a timer (boxed, with the
 /// pending send). This future sits in every socket task's state, so it stays small: not an `async
@@ -152,15 +163,22 @@ fn json_frame(msg: &ServerMsg) -> Message {
 fn send_within<'a>(
     tx: &'a mut WebSocket,
     msg: Message,
-    limit: Duration,
-) -> impl Future<Output = bool> + 'a {
+    limits: &'a Limits,
+) -> impl Future<Output = Result<(), Unsent>> + 'a {
     async move {
+        let limit = limits.send_limit(match &msg {
+            Message::Text(text) => text.len(),
+            _ => 0,
+        });
         // The sink's `send`, not axum's inherent `WebSocket::send`, whose future holds the
         // message twice.
         let mut send = SinkExt::send(tx, msg);
         match (&mut send).now_or_never() {
-            Some(sent) => sent.is_ok(),
-            None => matches!(Box::pin(timeout(limit, send)).await, Ok(Ok(()))),
+            Some(sent) => sent.map_err(|_| Unsent::Closed),
+            None => match Box::pin(timeout(limit, send)).await {
+                Ok(sent) => sent.map_err(|_| Unsent::Closed),
+                Err(_) => Err(Unsent::TooSlow),
+            },
         }
     }
 }
@@ -171,6 +189,8 @@ enum Exit {
     ClientGone,
     /// The client sent a close frame.
     ClientClosed,
+    /// The client did not read what it was sent fast enough.
+    TooSlow,
     Close(u16, &'static str, Disconnect),
 }
 
@@ -178,6 +198,7 @@ impl Exit {
     fn cause(&self) -> Disconnect {
         match self {
             Exit::ClientGone | Exit::ClientClosed => Disconnect::Client,
+            Exit::TooSlow => Disconnect::SlowReader,
             Exit::Close(_, _, cause) => *cause,
         }
     }
@@ -307,7 +328,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             Ok(r) => r,
             Err(BrokerError::Closed) => {
                 metrics.disconnect(Disconnect::Shutdown);
-                let _ = send_within(&mut socket, reconnect(), limits.idle_timeout()).await;
+                let _ = send_within(&mut socket, reconnect(), limits).await;
                 return;
             }
             Err(e) => {
@@ -318,7 +339,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                 let _ = send_within(
                     &mut socket,
                     close(close_code::REGISTRATION_FAILED, "registration failed"),
-                    limits.idle_timeout(),
+                    limits,
                 )
                 .await;
                 return;
@@ -336,7 +357,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             you: peer,
             ice_servers: ice_servers_for(peer, &config, turn.as_deref()),
         });
-        if !send_within(&mut socket, welcome, limits.idle_timeout()).await {
+        if send_within(&mut socket, welcome, limits).await.is_err() {
             return;
         }
         // A timer in the task itself (an `Interval` would box one), re-armed at every tick.
@@ -391,8 +412,10 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
                 }
                 Step::End(exit) => break exit,
             };
-            if !send_within(&mut socket, frame, limits.idle_timeout()).await {
-                break Exit::ClientGone;
+            match send_within(&mut socket, frame, limits).await {
+                Ok(()) => {}
+                Err(Unsent::Closed) => break Exit::ClientGone,
+                Err(Unsent::TooSlow) => break Exit::TooSlow,
             }
         };
         if let Exit::ClientClosed = exit {
@@ -410,7 +433,9 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         drop(session);
         if let Exit::Close(code, reason, cause) = exit {
             tracing::debug!(code, reason, "closing socket");
-            if send_within(&mut socket, close(code, reason), limits.idle_timeout()).await
+            if send_within(&mut socket, close(code, reason), limits)
+                .await
+                .is_ok()
                 && matches!(cause, Disconnect::RateLimited | Disconnect::BadFrame)
             {
                 linger(&mut socket).await;

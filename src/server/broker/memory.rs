@@ -6,8 +6,8 @@
 //! forgets them afterwards.
 
 use super::{
-    claim_digest, deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease,
-    RECLAIM_WINDOW,
+    claim_digest, deliver, topic, Broker, BrokerError, InboxLimits, Outbox, Registration,
+    ShareLease, RECLAIM_WINDOW,
 };
 use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
 use dashmap::{mapref::entry::Entry, DashMap};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct MemoryBroker {
     tables: Arc<Tables>,
-    inbox_capacity: usize,
+    inbox: InboxLimits,
 }
 
 struct Tables {
@@ -68,12 +68,12 @@ impl Tables {
 }
 
 impl MemoryBroker {
-    pub fn new(inbox_capacity: usize) -> Self {
-        Self::with_reclaim_window(inbox_capacity, RECLAIM_WINDOW)
+    pub fn new(inbox: InboxLimits) -> Self {
+        Self::with_reclaim_window(inbox, RECLAIM_WINDOW)
     }
 
     /// A broker that forgets withdrawn shares after `reclaim_window` (tests use a short one).
-    pub fn with_reclaim_window(inbox_capacity: usize, reclaim_window: Duration) -> Self {
+    pub fn with_reclaim_window(inbox: InboxLimits, reclaim_window: Duration) -> Self {
         Self {
             tables: Arc::new(Tables {
                 peers: DashMap::new(),
@@ -83,7 +83,7 @@ impl MemoryBroker {
                 released: Mutex::new(VecDeque::new()),
                 reclaim_window,
             }),
-            inbox_capacity: inbox_capacity.max(1),
+            inbox,
         }
     }
 
@@ -153,7 +153,7 @@ fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[async_trait::async_trait]
 impl Broker for MemoryBroker {
     async fn register(&self, peer: PeerId) -> Result<Registration, BrokerError> {
-        let (tx, rx) = topic(self.inbox_capacity);
+        let (tx, rx) = topic(&self.inbox);
         match self.tables.peers.entry(peer) {
             Entry::Occupied(_) => return Err(BrokerError::AlreadyRegistered),
             Entry::Vacant(slot) => {
@@ -235,6 +235,10 @@ impl Broker for MemoryBroker {
         self.tables.closed.store(true, Ordering::SeqCst);
         self.tables.peers.clear();
     }
+
+    fn queued_bytes(&self) -> usize {
+        self.inbox.queued_bytes()
+    }
 }
 
 #[cfg(test)]
@@ -254,7 +258,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_only_the_topic_owner() {
-        let broker = MemoryBroker::new(4);
+        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
         let (a, b) = (PeerId::new_random(), PeerId::new_random());
         let ra = broker.register(a).await.unwrap();
         let rb = broker.register(b).await.unwrap();
@@ -273,7 +277,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_inbox_is_busy_not_blocking() {
-        let broker = MemoryBroker::new(2);
+        let broker = MemoryBroker::new(InboxLimits::new(2, 1 << 20));
         let a = PeerId::new_random();
         let _ra = broker.register(a).await.unwrap();
         broker.publish(a, ServerMsg::Pong).await.unwrap();
@@ -286,7 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn registration_ends_when_its_task_panics_or_is_aborted() {
-        let broker = MemoryBroker::new(4);
+        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
 
         let peer = PeerId::new_random();
         let reg = broker.register(peer).await.unwrap();
@@ -312,7 +316,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_ends_every_inbox_and_refuses_new_peers() {
-        let broker = MemoryBroker::new(4);
+        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
         let a = PeerId::new_random();
         let ra = broker.register(a).await.unwrap();
         broker.close();
@@ -326,7 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn shares_live_as_long_as_their_lease() {
-        let broker = MemoryBroker::new(4);
+        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
         let owner = PeerId::new_random();
         let lease = broker.create_share(owner).await.unwrap();
         let share = lease.share.clone();
@@ -337,7 +341,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_share_is_reclaimed_with_its_token_only() {
-        let broker = MemoryBroker::new(4);
+        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
         let (old, new, thief) = (
             PeerId::new_random(),
             PeerId::new_random(),
@@ -389,7 +393,7 @@ mod tests {
     #[tokio::test]
     async fn withdrawn_shares_are_forgotten_after_the_reclaim_window() {
         let window = Duration::from_millis(100);
-        let broker = MemoryBroker::with_reclaim_window(4, window);
+        let broker = MemoryBroker::with_reclaim_window(InboxLimits::new(4, 1 << 20), window);
         let owner = PeerId::new_random();
         let live = broker.create_share(owner).await.unwrap();
         let lease = broker.create_share(owner).await.unwrap();

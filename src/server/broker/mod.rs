@@ -9,7 +9,7 @@ mod topic;
 
 pub use self::redis::{RedisBroker, RedisOptions};
 pub use memory::MemoryBroker;
-pub use topic::{topic, Inbox, Outbox, TrySendError};
+pub use topic::{topic, Inbox, InboxLimits, Outbox, TrySendError};
 
 use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
 use sha2::{Digest, Sha256};
@@ -134,18 +134,20 @@ pub trait Broker: Send + Sync + 'static {
     /// [`BrokerError::Closed`]. One signal through the table the node already has, instead of a
     /// shutdown listener in every socket task.
     fn close(&self);
+    /// Bytes waiting in this node's inboxes.
+    fn queued_bytes(&self) -> usize;
 }
 
 pub type DynBroker = Arc<dyn Broker>;
 
 /// The backend named by `uri`: `memory://`, or `redis://host:port[/db]` (connects before it
 /// returns, so an unreachable Redis fails startup).
-pub async fn from_uri(uri: &str, inbox_capacity: usize) -> Result<DynBroker, BrokerError> {
+pub async fn from_uri(uri: &str, inbox: InboxLimits) -> Result<DynBroker, BrokerError> {
     match uri.split_once("://") {
-        Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(inbox_capacity))),
+        Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(inbox))),
         Some(("redis", rest)) if !rest.is_empty() => {
             let options = RedisOptions {
-                inbox_capacity,
+                inbox,
                 ..Default::default()
             };
             Ok(Arc::new(RedisBroker::connect(uri, options).await?))
@@ -160,7 +162,9 @@ mod tests {
 
     #[tokio::test]
     async fn backend_is_chosen_by_scheme() {
-        assert!(from_uri("memory://", 8).await.is_ok());
+        assert!(from_uri("memory://", InboxLimits::new(8, 1 << 20))
+            .await
+            .is_ok());
         for uri in [
             "carrier-pigeon://x",
             "redis://",
@@ -168,14 +172,16 @@ mod tests {
             "rediss://h:1",
         ] {
             assert_eq!(
-                from_uri(uri, 8).await.err(),
+                from_uri(uri, InboxLimits::new(8, 1 << 20)).await.err(),
                 Some(BrokerError::UnsupportedUri(uri.into())),
                 "{uri}"
             );
         }
         // A redis URI is accepted by scheme, then must connect: nothing listens on port 1.
         assert!(matches!(
-            from_uri("redis://127.0.0.1:1", 8).await.err(),
+            from_uri("redis://127.0.0.1:1", InboxLimits::new(8, 1 << 20))
+                .await
+                .err(),
             Some(BrokerError::Backend(_))
         ));
     }

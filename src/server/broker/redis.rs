@@ -58,8 +58,8 @@
 //!   milliseconds after a registration or lease drops, other nodes may still see its keys.
 
 use super::{
-    claim_digest, deliver, topic, Broker, BrokerError, Outbox, Registration, ShareLease,
-    RECLAIM_WINDOW,
+    claim_digest, deliver, topic, Broker, BrokerError, InboxLimits, Outbox, Registration,
+    ShareLease, RECLAIM_WINDOW,
 };
 use crate::protocol::{ClaimToken, ErrorCode, PeerId, ServerMsg, ShareId};
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
@@ -143,8 +143,8 @@ return 0
 /// Timings of the Redis backend.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RedisOptions {
-    /// Messages queued for one local peer; more are dropped (and logged).
-    pub inbox_capacity: usize,
+    /// What one local peer's inbox may hold; more is dropped (and its sender told).
+    pub inbox: InboxLimits,
     /// Lifetime of `peer_state:<id>` and `share:<id>` unless refreshed.
     pub presence_ttl: Duration,
     /// How often a live registration or share refreshes its key.
@@ -163,7 +163,7 @@ pub struct RedisOptions {
 impl Default for RedisOptions {
     fn default() -> Self {
         Self {
-            inbox_capacity: 256,
+            inbox: InboxLimits::new(256, 1 << 20),
             presence_ttl: Duration::from_secs(10),
             refresh_every: Duration::from_secs(3),
             op_timeout: Duration::from_secs(2),
@@ -786,7 +786,7 @@ impl RedisBroker {
 impl Broker for RedisBroker {
     async fn register(&self, peer: PeerId) -> Result<Registration, BrokerError> {
         let inner = &self.inner;
-        let (tx, rx) = topic(inner.opts.inbox_capacity);
+        let (tx, rx) = topic(&inner.opts.inbox);
         match inner.local.entry(peer) {
             Entry::Occupied(_) => return Err(BrokerError::AlreadyRegistered),
             Entry::Vacant(slot) => {
@@ -930,6 +930,10 @@ impl Broker for RedisBroker {
         // The guards of the peers' registrations still unsubscribe and delete their keys.
         self.inner.local.clear();
     }
+
+    fn queued_bytes(&self) -> usize {
+        self.inner.opts.inbox.queued_bytes()
+    }
 }
 
 #[cfg(test)]
@@ -1023,7 +1027,7 @@ mod tests {
 
     fn fast() -> RedisOptions {
         RedisOptions {
-            inbox_capacity: 4,
+            inbox: InboxLimits::new(4, 1 << 20),
             presence_ttl: Duration::from_millis(1200),
             refresh_every: Duration::from_millis(300),
             ..Default::default()

@@ -17,18 +17,69 @@ use crate::protocol::ServerMsg;
 use futures::task::AtomicWaker;
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 
-/// A peer's topic, holding at most `capacity` undelivered messages.
-pub fn topic(capacity: usize) -> (Outbox, Inbox) {
+/// What one peer's topic may hold, and a node-wide count of what all of them hold.
+#[derive(Clone, Debug)]
+pub struct InboxLimits {
+    /// Undelivered messages.
+    pub messages: usize,
+    /// Undelivered bytes (what each message holds, as [`cost`] counts it). A message alone in
+    /// the queue is always taken, so a message up to the frame limit cannot be refused for ever.
+    pub bytes: usize,
+    /// Bytes queued in every topic made with these limits.
+    queued: Arc<AtomicUsize>,
+}
+
+impl InboxLimits {
+    pub fn new(messages: usize, bytes: usize) -> Self {
+        Self {
+            messages: messages.max(1),
+            bytes,
+            queued: Arc::default(),
+        }
+    }
+
+    /// Bytes queued right now in all the topics made with these limits.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.load(Relaxed)
+    }
+}
+
+impl PartialEq for InboxLimits {
+    fn eq(&self, other: &Self) -> bool {
+        (self.messages, self.bytes) == (other.messages, other.bytes)
+    }
+}
+
+impl Eq for InboxLimits {}
+
+/// The memory a queued message holds: the enum itself and the text a client chose (a signal's
+/// payload, up to the frame limit); the server's own messages are small and bounded.
+pub fn cost(msg: &ServerMsg) -> usize {
+    let text = match msg {
+        ServerMsg::Signal { payload, .. } => payload.len(),
+        ServerMsg::Error { message, .. } => message.len(),
+        _ => 0,
+    };
+    std::mem::size_of::<ServerMsg>() + text
+}
+
+/// A peer's topic, holding at most `limits.messages` undelivered messages and `limits.bytes`
+/// bytes of them.
+pub fn topic(limits: &InboxLimits) -> (Outbox, Inbox) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue {
             msgs: VecDeque::new(),
+            bytes: 0,
             ended: false,
         }),
         reader: AtomicWaker::new(),
-        capacity: capacity.max(1),
+        capacity: limits.messages.max(1),
+        max_bytes: limits.bytes,
+        queued: limits.queued.clone(),
     });
     (
         Outbox {
@@ -43,10 +94,15 @@ struct Shared {
     /// The reading task, woken by every push and by the end.
     reader: AtomicWaker,
     capacity: usize,
+    max_bytes: usize,
+    /// The node-wide count this topic's bytes are part of.
+    queued: Arc<AtomicUsize>,
 }
 
 struct Queue {
     msgs: VecDeque<ServerMsg>,
+    /// [`cost`] of everything in `msgs`.
+    bytes: usize,
     ended: bool,
 }
 
@@ -61,7 +117,7 @@ impl Shared {
 /// Why [`Outbox::try_send`] refused a message (the message is handed back).
 #[derive(Debug, PartialEq, Eq)]
 pub enum TrySendError {
-    /// `capacity` messages are waiting already.
+    /// The topic holds as many messages, or as many bytes, as it may.
     Full(ServerMsg),
     /// The reader is gone.
     Ended(ServerMsg),
@@ -80,10 +136,15 @@ impl Outbox {
             if queue.ended {
                 return Err(TrySendError::Ended(msg));
             }
-            if queue.msgs.len() >= self.shared.capacity {
+            let cost = cost(&msg);
+            let too_many = queue.msgs.len() >= self.shared.capacity;
+            let too_big = !queue.msgs.is_empty() && queue.bytes + cost > self.shared.max_bytes;
+            if too_many || too_big {
                 return Err(TrySendError::Full(msg));
             }
             queue.msgs.push_back(msg);
+            queue.bytes += cost;
+            self.shared.queued.fetch_add(cost, Relaxed);
         }
         self.shared.reader.wake();
         Ok(())
@@ -109,6 +170,8 @@ impl Drop for Inbox {
         let mut queue = self.shared.lock();
         queue.ended = true;
         queue.msgs = VecDeque::new();
+        self.shared.queued.fetch_sub(queue.bytes, Relaxed);
+        queue.bytes = 0;
     }
 }
 
@@ -138,6 +201,9 @@ impl Inbox {
         let mut queue = self.shared.lock();
         match queue.msgs.pop_front() {
             Some(msg) => {
+                let cost = cost(&msg);
+                queue.bytes -= cost;
+                self.shared.queued.fetch_sub(cost, Relaxed);
                 if queue.msgs.is_empty() {
                     // Drained: give the buffer back, an idle topic holds none.
                     queue.msgs = VecDeque::new();
@@ -172,7 +238,7 @@ mod tests {
 
     #[test]
     fn delivers_in_order_up_to_capacity_and_refuses_more() {
-        let (tx, rx) = topic(3);
+        let (tx, rx) = topic(&InboxLimits::new(3, usize::MAX));
         for n in 0..3 {
             tx.try_send(signal(n)).expect("room");
         }
@@ -191,9 +257,55 @@ mod tests {
         tx.try_send(signal(4)).expect("room after draining");
     }
 
+    fn big_signal(bytes: usize) -> ServerMsg {
+        ServerMsg::Signal {
+            from: PeerId::new_random(),
+            payload: "x".repeat(bytes),
+        }
+    }
+
+    #[test]
+    fn holds_no_more_than_its_bytes_and_counts_them_node_wide() {
+        const KIB: usize = 1024;
+        let limits = InboxLimits::new(1000, 256 * KIB);
+        let (tx, rx) = topic(&limits);
+        let (other_tx, other_rx) = topic(&limits);
+        // A flood of 64 KiB signals: what is taken stays under the bytes, whatever the count.
+        let taken = (0..100)
+            .take_while(|_| tx.try_send(big_signal(64 * KIB)).is_ok())
+            .count();
+        assert_eq!(
+            taken, 3,
+            "256 KiB hold three 64 KiB signals and their envelopes"
+        );
+        assert!(limits.queued_bytes() <= 256 * KIB);
+        assert!(matches!(
+            tx.try_send(big_signal(64 * KIB)),
+            Err(TrySendError::Full(_))
+        ));
+        // Small messages still fit in what is left...
+        tx.try_send(ServerMsg::Pong).expect("room for a small one");
+        // ...and one message alone is always taken, even over the bytes.
+        other_tx
+            .try_send(big_signal(300 * KIB))
+            .expect("a lone message");
+        assert_eq!(
+            limits.queued_bytes(),
+            3 * cost(&big_signal(64 * KIB)) + cost(&ServerMsg::Pong) + cost(&big_signal(300 * KIB))
+        );
+        // Taking gives the bytes back; a reader leaving gives back what it left.
+        rx.try_recv().expect("first");
+        tx.try_send(big_signal(64 * KIB)).expect("room again");
+        drop(other_rx);
+        drop(rx);
+        assert_eq!(limits.queued_bytes(), 0, "every byte given back");
+        drop((tx, other_tx));
+        assert_eq!(limits.queued_bytes(), 0);
+    }
+
     #[test]
     fn holds_no_buffer_while_idle() {
-        let (tx, rx) = topic(8);
+        let (tx, rx) = topic(&InboxLimits::new(8, usize::MAX));
         assert_eq!(rx.buffer_capacity(), 0);
         tx.try_send(signal(1)).expect("room");
         tx.try_send(signal(2)).expect("room");
@@ -206,7 +318,7 @@ mod tests {
 
     #[test]
     fn dropping_the_outbox_ends_the_inbox_after_what_was_queued() {
-        let (tx, rx) = topic(4);
+        let (tx, rx) = topic(&InboxLimits::new(4, usize::MAX));
         tx.try_send(ServerMsg::Pong).expect("room");
         drop(tx);
         assert_eq!(rx.recv().now_or_never(), Some(Some(ServerMsg::Pong)));
@@ -215,7 +327,7 @@ mod tests {
 
     #[test]
     fn sending_after_the_reader_left_is_refused_and_frees_what_was_queued() {
-        let (tx, rx) = topic(4);
+        let (tx, rx) = topic(&InboxLimits::new(4, usize::MAX));
         tx.try_send(ServerMsg::Pong).expect("room");
         drop(rx);
         assert_eq!(tx.shared.lock().msgs.capacity(), 0, "queued messages kept");
@@ -227,7 +339,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_reader_is_woken_by_a_push_and_by_the_end() {
-        let (tx, rx) = topic(4);
+        let (tx, rx) = topic(&InboxLimits::new(4, usize::MAX));
         let reader = tokio::spawn(async move {
             let first = rx.recv().await;
             let second = rx.recv().await;
@@ -248,7 +360,7 @@ mod tests {
     fn many_publishers_at_once_lose_nothing_and_keep_each_ones_order() {
         const PUBLISHERS: usize = 4;
         const EACH: usize = 5_000;
-        let (tx, rx) = topic(PUBLISHERS * EACH);
+        let (tx, rx) = topic(&InboxLimits::new(PUBLISHERS * EACH, usize::MAX));
         let tx = Arc::new(tx);
         let threads: Vec<_> = (0..PUBLISHERS)
             .map(|p| {
