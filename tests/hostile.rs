@@ -738,3 +738,62 @@ async fn a_slow_reader_pins_no_more_than_its_inbox_bytes_and_is_let_go() {
     talker.abort();
     stop(server).await;
 }
+
+/// The whole raw response to `GET path` (head and body, chunked or not), as text.
+async fn raw_get(addr: SocketAddr, path: &str) -> String {
+    let attempt = async {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tcp.read_to_end(&mut raw).await.unwrap();
+        raw
+    };
+    let raw = timeout(STEP, attempt).await.expect("HTTP response in time");
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_creations_and_lookups_are_paced_per_address_and_records_are_counted() {
+    let server = server_with(Config {
+        limits: Limits {
+            share_creations_per_ip_per_min: 2,
+            share_lookups_per_ip_per_min: 3,
+            ..Default::default()
+        },
+        ..config()
+    })
+    .await;
+    let addr = server.addr;
+
+    // Two new shares a minute from this address, whatever the connection: a client cannot
+    // churn share records by reconnecting.
+    let (mut a, _) = connect(addr).await;
+    let share = create_share(&mut a).await;
+    drop(a);
+    let (mut b, _) = connect(addr).await;
+    create_share(&mut b).await;
+    send(&mut b, &ClientMsg::CreateShare).await;
+    match recv(&mut b).await {
+        ServerMsg::Error {
+            code: ErrorCode::TooManyShares,
+            message,
+        } => assert!(message.contains("try again in a minute"), "{message}"),
+        other => panic!("expected too_many_shares, got {other:?}"),
+    }
+    assert_eq!(metric(addr, rejections("share_rate").as_str()).await, 1);
+    // The withdrawn share is still kept (reclaimable), beside the live one.
+    metric_reaches(addr, "beamdrop_share_records", 2).await;
+
+    // Looking a share up (the receive page renders it) three times a minute; the fourth is
+    // told to wait, and nothing else about the share is said.
+    let page = format!("/s/{share}");
+    for _ in 0..3 {
+        let text = raw_get(addr, &page).await;
+        assert!(!text.contains("too many look-ups"), "{text}");
+    }
+    let text = raw_get(addr, &page).await;
+    assert!(text.contains("too many look-ups"), "{text}");
+    assert_eq!(metric(addr, rejections("lookup_rate").as_str()).await, 1);
+    stop(server).await;
+}

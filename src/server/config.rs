@@ -148,6 +148,17 @@ pub struct Limits {
     pub slow_reader_grace_secs: u64,
     /// Shares one connection may own at once.
     pub max_shares_per_peer: usize,
+    /// Share records this node keeps (memory broker): live shares, and withdrawn ones their
+    /// sender may still take back. At the cap the longest-withdrawn go first; only when all are
+    /// live is a new share refused.
+    pub max_share_records: usize,
+    /// New shares one client address (IPv6: /64) may create per minute (the same at once);
+    /// with the reclaim window this bounds the records one address can leave behind. 0 = no
+    /// limit.
+    pub share_creations_per_ip_per_min: u32,
+    /// Share look-ups (the receive page, server-rendered or asked later) one address may make
+    /// per minute. 0 = no limit.
+    pub share_lookups_per_ip_per_min: u32,
     /// Seconds between server pings.
     pub ping_interval_secs: u64,
     /// Seconds without any frame from the client before the server closes the socket.
@@ -203,6 +214,9 @@ impl Default for Limits {
             min_read_bytes_per_sec: 16 * 1024,
             slow_reader_grace_secs: 5,
             max_shares_per_peer: 16,
+            max_share_records: 100_000,
+            share_creations_per_ip_per_min: 30,
+            share_lookups_per_ip_per_min: 120,
             ping_interval_secs: 20,
             idle_timeout_secs: 60,
             max_json_depth: crate::protocol::DEFAULT_MAX_JSON_DEPTH,
@@ -231,9 +245,12 @@ impl Limits {
         Duration::from_secs(self.slow_reader_grace_secs.max(1))
             + Duration::from_secs_f64(bytes as f64 / floor)
     }
-    /// What one peer's inbox may hold.
-    pub fn inbox(&self) -> crate::server::broker::InboxLimits {
-        crate::server::broker::InboxLimits::new(self.inbox_capacity, self.inbox_bytes)
+    /// What the broker may hold.
+    pub fn broker(&self) -> crate::server::broker::BrokerLimits {
+        crate::server::broker::BrokerLimits {
+            inbox: crate::server::broker::InboxLimits::new(self.inbox_capacity, self.inbox_bytes),
+            max_share_records: self.max_share_records,
+        }
     }
     pub fn header_read_timeout(&self) -> Duration {
         Duration::from_secs(self.header_read_timeout_secs.max(1))

@@ -186,6 +186,34 @@ pub fn client_ip(peer: IpAddr, forwarded_for: &[&str], trusted: &[ipnet::IpNet])
     client
 }
 
+/// How often an address may do something costly (create a share, look one up), per minute with
+/// the same burst; governor's keyed limiter, keyed by [`ip_key`]. Addresses quiet for a while are
+/// forgotten as the table grows, so it holds only recent ones.
+pub struct PerIpRate {
+    limiter: governor::DefaultKeyedRateLimiter<IpAddr>,
+}
+
+/// Addresses tracked before quiet ones are swept out.
+const RATE_SWEEP_AT: usize = 4096;
+
+impl PerIpRate {
+    /// `None` for 0 (unlimited).
+    pub fn per_minute(n: u32) -> Option<Arc<Self>> {
+        let n = std::num::NonZeroU32::new(n)?;
+        Some(Arc::new(Self {
+            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(n)),
+        }))
+    }
+
+    /// Takes one from `ip`'s allowance; `false` when it has none left.
+    pub fn check(&self, ip: IpAddr) -> bool {
+        if self.limiter.len() >= RATE_SWEEP_AT {
+            self.limiter.retain_recent();
+        }
+        self.limiter.check_key(&ip_key(ip)).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,5 +391,20 @@ mod tests {
             client_ip(ip("10.0.0.2"), &["198.51.100.1"], &[]),
             ip("10.0.0.2")
         );
+    }
+
+    #[test]
+    fn a_per_ip_rate_spends_each_addresses_own_allowance() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let rate = PerIpRate::per_minute(3).expect("limited");
+        let (a, b) = (ip("198.51.100.1"), ip("198.51.100.2"));
+        assert!((0..3).all(|_| rate.check(a)));
+        assert!(!rate.check(a), "a fourth within the minute");
+        assert!(rate.check(b), "another address has its own");
+        // One IPv6 host holds a /64: its addresses share one allowance.
+        let (v6a, v6b) = (ip("2001:db8::1"), ip("2001:db8::2"));
+        assert!((0..3).all(|_| rate.check(v6a)));
+        assert!(!rate.check(v6b));
+        assert!(PerIpRate::per_minute(0).is_none(), "0 is unlimited");
     }
 }

@@ -39,6 +39,12 @@ labels! {
         NoSuchShare => "no_such_share",
         PeerBusy => "peer_busy",
         TooManyShares => "too_many_shares",
+        /// A new share refused: the node keeps `max_share_records`, all of them live.
+        ShareRecordsFull => "share_records_full",
+        /// A new share refused: its address made `share_creations_per_ip_per_min` already.
+        ShareRate => "share_rate",
+        /// A share look-up refused: its address made `share_lookups_per_ip_per_min` already.
+        LookupRate => "lookup_rate",
         /// A share reclaim with the wrong token, or for a share long gone.
         ReclaimRefused => "reclaim_refused",
         Internal => "internal",
@@ -269,8 +275,9 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition format (version 0.0.4).
-    /// `inbox_bytes`: what the broker's inboxes on this node hold now.
-    pub fn render(&self, inbox_bytes: usize) -> String {
+    /// `inbox_bytes`: what the broker's inboxes on this node hold now; `share_records`: the
+    /// share records it keeps (if it keeps them itself).
+    pub fn render(&self, inbox_bytes: usize, share_records: Option<usize>) -> String {
         let mut out = String::with_capacity(4096);
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
             single_into(&mut out, name, kind, help, value)
@@ -281,6 +288,14 @@ impl Metrics {
             "Bytes of messages waiting in this node's peer inboxes.",
             inbox_bytes.to_string(),
         );
+        if let Some(records) = share_records {
+            single(
+                "beamdrop_share_records",
+                "gauge",
+                "Share records kept on this node: live shares and withdrawn ones still reclaimable.",
+                records.to_string(),
+            );
+        }
         single(
             "beamdrop_peers_connected",
             "gauge",
@@ -474,11 +489,12 @@ mod tests {
         let _relay = m.track(Gauge::TurnAllocations);
         m.turn_relayed(1200);
         m.turn_refuse(TurnRefusal::PrivatePeer);
-        let text = m.render(4096);
+        let text = m.render(4096, Some(7));
         for line in [
             "# TYPE beamdrop_peers_connected gauge",
             "beamdrop_peers_connected 1",
             "beamdrop_inbox_bytes 4096",
+            "beamdrop_share_records 7",
             "beamdrop_shares 0",
             "beamdrop_messages_relayed_total 1",
             "beamdrop_shares_reclaimed_total 1",

@@ -42,11 +42,18 @@ pub struct AppState {
     pub ip_connections: Arc<limits::IpConnections>,
     /// TURN credentials for each peer's `welcome`, when `[turn]` is configured.
     pub turn: Option<Arc<turn::credentials::Issuer>>,
+    /// `limits.share_creations_per_ip_per_min` and `share_lookups_per_ip_per_min`.
+    pub share_creations: Option<Arc<limits::PerIpRate>>,
+    pub share_lookups: Option<Arc<limits::PerIpRate>>,
 }
 
 impl AppState {
     pub fn new(leptos_options: LeptosOptions, broker: DynBroker, config: Config) -> Self {
         let ip_connections = limits::IpConnections::new(config.limits.max_connections_per_ip);
+        let share_creations =
+            limits::PerIpRate::per_minute(config.limits.share_creations_per_ip_per_min);
+        let share_lookups =
+            limits::PerIpRate::per_minute(config.limits.share_lookups_per_ip_per_min);
         Self {
             leptos_options,
             broker,
@@ -54,6 +61,8 @@ impl AppState {
             metrics: Arc::default(),
             ip_connections,
             turn: None,
+            share_creations,
+            share_lookups,
         }
     }
 }
@@ -80,10 +89,32 @@ pub fn router(state: AppState) -> Router {
 
 /// Whether `share` is live right now (asked by the receive page's server function while it
 /// renders, so the first HTML already says so). A malformed id is simply not live.
+/// Each client address may ask `limits.share_lookups_per_ip_per_min` times a minute.
 pub async fn share_is_live(share: &str) -> Result<bool, String> {
     use crate::protocol::ShareId;
     let state = leptos::prelude::use_context::<AppState>()
         .ok_or_else(|| "server state missing".to_string())?;
+    if let (Some(rate), Some(parts)) = (
+        &state.share_lookups,
+        leptos::prelude::use_context::<axum::http::request::Parts>(),
+    ) {
+        let forwarded_for: Vec<&str> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(addr)| {
+                limits::client_ip(addr.ip(), &forwarded_for, &state.config.trusted_proxies)
+            });
+        if ip.is_some_and(|ip| !rate.check(ip)) {
+            state.metrics.reject(Rejection::LookupRate);
+            return Err("too many look-ups from this address; try again in a minute".into());
+        }
+    }
     let Ok(share) = share.parse::<ShareId>() else {
         return Ok(false);
     };
@@ -146,7 +177,9 @@ async fn metrics_text(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(state.broker.queued_bytes()),
+        state
+            .metrics
+            .render(state.broker.queued_bytes(), state.broker.share_records()),
     )
         .into_response()
 }
@@ -225,7 +258,7 @@ pub async fn start(
         }) => Some(tls::Tls::from_pem_files(cert, key)?),
         Some(_) => return Err(tls::TlsError::Incomplete.into()),
     };
-    let broker = broker::from_uri(&config.broker, config.limits.inbox()).await?;
+    let broker = broker::from_uri(&config.broker, config.limits.broker()).await?;
     let bind_error = |source| StartError::Bind {
         addr: config.listen,
         source,
@@ -315,6 +348,9 @@ mod tests {
         fn queued_bytes(&self) -> usize {
             0
         }
+        fn share_records(&self) -> Option<usize> {
+            None
+        }
     }
 
     fn state(broker: DynBroker) -> AppState {
@@ -331,10 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn healthz_follows_the_broker_backend() {
-        let up = state(Arc::new(MemoryBroker::new(broker::InboxLimits::new(
-            8,
-            1 << 20,
-        ))));
+        let up = state(Arc::new(MemoryBroker::new(broker::BrokerLimits::inbox(8))));
         let response = healthz(State(up)).await.into_response();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(body(response).await, "ok");

@@ -8,7 +8,7 @@
 
 use super::broker::{BrokerError, DynBroker, Registration, ShareLease};
 use super::config::{Config, Limits};
-use super::limits::{client_ip, origin_allowed, IpSlot, TokenBucket};
+use super::limits::{client_ip, origin_allowed, IpSlot, PerIpRate, TokenBucket};
 use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
 use super::turn::credentials::Issuer;
 use super::AppState;
@@ -25,7 +25,7 @@ use axum::Extension;
 use futures::{FutureExt, SinkExt};
 use std::collections::HashSet;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{sleep, timeout, Instant};
@@ -91,6 +91,7 @@ pub async fn handler(
         metrics: state.metrics,
         turn: state.turn,
         ip_slot: slot,
+        share_creations: state.share_creations.zip(ip),
     };
     // A small read buffer instead of tungstenite's zero-filled 128 KiB: signaling frames are
     // small, and the buffer grows for a large one (load benchmark: bytes per idle peer).
@@ -121,6 +122,8 @@ struct Conn {
     turn: Option<Arc<Issuer>>,
     /// Held for the socket's whole life: the slot goes back when the task ends.
     ip_slot: Option<IpSlot>,
+    /// The client address's allowance of new shares.
+    share_creations: Option<(Arc<PerIpRate>, IpAddr)>,
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -319,6 +322,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         metrics,
         turn,
         ip_slot,
+        share_creations,
     } = conn;
     async move {
         let _ip_slot = &ip_slot;
@@ -351,6 +355,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
             registration,
             metrics.clone(),
             limits.max_json_depth,
+            share_creations,
         );
         tracing::info!("peer connected");
         let welcome = json_frame(&ServerMsg::Welcome {
@@ -546,6 +551,7 @@ struct Session {
     introduced: HashSet<PeerId>,
     metrics: Arc<Metrics>,
     max_json_depth: usize,
+    share_creations: Option<(Arc<PerIpRate>, IpAddr)>,
     /// Counts this peer in `peers_connected` for as long as the registration lives.
     _connected: GaugeGuard,
 }
@@ -557,6 +563,7 @@ impl Session {
         registration: Registration,
         metrics: Arc<Metrics>,
         max_json_depth: usize,
+        share_creations: Option<(Arc<PerIpRate>, IpAddr)>,
     ) -> Self {
         Self {
             peer,
@@ -567,6 +574,7 @@ impl Session {
             _connected: metrics.track(Gauge::PeersConnected),
             metrics,
             max_json_depth,
+            share_creations,
         }
     }
 
@@ -609,6 +617,15 @@ impl Session {
                         ErrorCode::TooManyShares,
                         format!("at most {max_shares} shares per connection"),
                     ));
+                }
+                if let Some((rate, ip)) = &self.share_creations {
+                    if !rate.check(*ip) {
+                        self.reject(Rejection::ShareRate);
+                        return Some(ServerMsg::error(
+                            ErrorCode::TooManyShares,
+                            "too many new shares from this address; try again in a minute",
+                        ));
+                    }
                 }
                 Some(match self.broker.create_share(self.peer).await {
                     Ok(lease) => {
@@ -749,6 +766,10 @@ impl Session {
             BrokerError::PeerBusy => {
                 self.reject(Rejection::PeerBusy);
                 ServerMsg::error(ErrorCode::PeerBusy, e.to_string())
+            }
+            BrokerError::ShareRecordsFull => {
+                self.reject(Rejection::ShareRecordsFull);
+                ServerMsg::error(ErrorCode::TooManyShares, e.to_string())
             }
             other => {
                 self.reject(Rejection::Internal);

@@ -6,8 +6,8 @@
 //! forgets them afterwards.
 
 use super::{
-    claim_digest, deliver, topic, Broker, BrokerError, InboxLimits, Outbox, Registration,
-    ShareLease, RECLAIM_WINDOW,
+    claim_digest, deliver, topic, Broker, BrokerError, BrokerLimits, InboxLimits, Outbox,
+    Registration, ShareLease, RECLAIM_WINDOW,
 };
 use crate::protocol::{ClaimToken, PeerId, ServerMsg, ShareId};
 use dashmap::{mapref::entry::Entry, DashMap};
@@ -33,6 +33,8 @@ struct Tables {
     /// Shares whose lease ended, in the order they ended (so by expiry): (when, share, lease).
     released: Mutex<VecDeque<(Instant, ShareId, u64)>>,
     reclaim_window: Duration,
+    /// Share records kept at most, live and reclaimable together.
+    max_records: usize,
 }
 
 struct ShareRecord {
@@ -51,11 +53,23 @@ impl Tables {
 
     /// Forgets shares released longer than the reclaim window ago and not reclaimed since.
     fn forget_expired(&self, now: Instant) {
+        self.forget_released(|at| now.saturating_duration_since(at) >= self.reclaim_window);
+    }
+
+    /// Makes room for a new record at `max_records`: forgets the longest-withdrawn shares even
+    /// within their window (under pressure a withdrawn share's link dies sooner, a live one
+    /// never).
+    fn make_room(&self) {
+        self.forget_released(|_| self.shares.len() >= self.max_records);
+    }
+
+    /// Forgets released shares, oldest first, while `go(released_at)` says so.
+    fn forget_released(&self, go: impl Fn(Instant) -> bool) {
         let Ok(mut released) = self.released.lock() else {
             return;
         };
         while let Some((at, _, _)) = released.front() {
-            if now.saturating_duration_since(*at) < self.reclaim_window {
+            if !go(*at) {
                 break;
             }
             let Some((_, share, lease)) = released.pop_front() else {
@@ -68,12 +82,16 @@ impl Tables {
 }
 
 impl MemoryBroker {
-    pub fn new(inbox: InboxLimits) -> Self {
-        Self::with_reclaim_window(inbox, RECLAIM_WINDOW)
+    pub fn new(limits: BrokerLimits) -> Self {
+        Self::with_reclaim_window(limits, RECLAIM_WINDOW)
     }
 
     /// A broker that forgets withdrawn shares after `reclaim_window` (tests use a short one).
-    pub fn with_reclaim_window(inbox: InboxLimits, reclaim_window: Duration) -> Self {
+    pub fn with_reclaim_window(limits: BrokerLimits, reclaim_window: Duration) -> Self {
+        let BrokerLimits {
+            inbox,
+            max_share_records,
+        } = limits;
         Self {
             tables: Arc::new(Tables {
                 peers: DashMap::new(),
@@ -82,6 +100,7 @@ impl MemoryBroker {
                 next_lease: AtomicU64::new(1),
                 released: Mutex::new(VecDeque::new()),
                 reclaim_window,
+                max_records: max_share_records.max(1),
             }),
             inbox,
         }
@@ -184,6 +203,11 @@ impl Broker for MemoryBroker {
 
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError> {
         self.tables.forget_expired(Instant::now());
+        self.tables.make_room();
+        if self.tables.shares.len() >= self.tables.max_records {
+            // Every record kept is a live share.
+            return Err(BrokerError::ShareRecordsFull);
+        }
         loop {
             let share = ShareId::new_random();
             if let Entry::Vacant(slot) = self.tables.shares.entry(share.clone()) {
@@ -239,6 +263,10 @@ impl Broker for MemoryBroker {
     fn queued_bytes(&self) -> usize {
         self.inbox.queued_bytes()
     }
+
+    fn share_records(&self) -> Option<usize> {
+        Some(self.tables.shares.len())
+    }
 }
 
 #[cfg(test)]
@@ -258,7 +286,7 @@ mod tests {
 
     #[tokio::test]
     async fn publish_reaches_only_the_topic_owner() {
-        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
+        let broker = MemoryBroker::new(BrokerLimits::inbox(4));
         let (a, b) = (PeerId::new_random(), PeerId::new_random());
         let ra = broker.register(a).await.unwrap();
         let rb = broker.register(b).await.unwrap();
@@ -277,7 +305,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_inbox_is_busy_not_blocking() {
-        let broker = MemoryBroker::new(InboxLimits::new(2, 1 << 20));
+        let broker = MemoryBroker::new(BrokerLimits::inbox(2));
         let a = PeerId::new_random();
         let _ra = broker.register(a).await.unwrap();
         broker.publish(a, ServerMsg::Pong).await.unwrap();
@@ -290,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn registration_ends_when_its_task_panics_or_is_aborted() {
-        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
+        let broker = MemoryBroker::new(BrokerLimits::inbox(4));
 
         let peer = PeerId::new_random();
         let reg = broker.register(peer).await.unwrap();
@@ -316,7 +344,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_ends_every_inbox_and_refuses_new_peers() {
-        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
+        let broker = MemoryBroker::new(BrokerLimits::inbox(4));
         let a = PeerId::new_random();
         let ra = broker.register(a).await.unwrap();
         broker.close();
@@ -330,7 +358,7 @@ mod tests {
 
     #[tokio::test]
     async fn shares_live_as_long_as_their_lease() {
-        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
+        let broker = MemoryBroker::new(BrokerLimits::inbox(4));
         let owner = PeerId::new_random();
         let lease = broker.create_share(owner).await.unwrap();
         let share = lease.share.clone();
@@ -341,7 +369,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_share_is_reclaimed_with_its_token_only() {
-        let broker = MemoryBroker::new(InboxLimits::new(4, 1 << 20));
+        let broker = MemoryBroker::new(BrokerLimits::inbox(4));
         let (old, new, thief) = (
             PeerId::new_random(),
             PeerId::new_random(),
@@ -393,7 +421,7 @@ mod tests {
     #[tokio::test]
     async fn withdrawn_shares_are_forgotten_after_the_reclaim_window() {
         let window = Duration::from_millis(100);
-        let broker = MemoryBroker::with_reclaim_window(InboxLimits::new(4, 1 << 20), window);
+        let broker = MemoryBroker::with_reclaim_window(BrokerLimits::inbox(4), window);
         let owner = PeerId::new_random();
         let live = broker.create_share(owner).await.unwrap();
         let lease = broker.create_share(owner).await.unwrap();
@@ -418,5 +446,51 @@ mod tests {
         broker.create_share(owner).await.unwrap(); // runs the expiry
         assert_eq!(broker.share_owner(&share).await.unwrap(), Some(owner));
         drop(back);
+    }
+
+    #[tokio::test]
+    async fn at_the_record_cap_withdrawn_shares_go_first_and_live_ones_are_never_dropped() {
+        let limits = BrokerLimits {
+            max_share_records: 3,
+            ..BrokerLimits::inbox(4)
+        };
+        let broker = MemoryBroker::new(limits);
+        let owner = PeerId::new_random();
+        let first = broker.create_share(owner).await.unwrap();
+        let second = broker.create_share(owner).await.unwrap();
+        let third = broker.create_share(owner).await.unwrap();
+        // All three live: a fourth is refused, and nobody loses a share.
+        assert_eq!(
+            broker.create_share(owner).await.err(),
+            Some(BrokerError::ShareRecordsFull)
+        );
+        assert_eq!(broker.share_records(), 3);
+
+        // Two withdrawn, well inside the 15-minute window. Under pressure the one withdrawn
+        // longest is forgotten for a new share; the other stays reclaimable.
+        let (old, old_token) = (first.share.clone(), first.token.clone());
+        let (newer, newer_token) = (second.share.clone(), second.token.clone());
+        drop(first);
+        drop(second);
+        let fourth = broker.create_share(owner).await.unwrap();
+        assert_eq!(broker.share_records(), 3);
+        assert_eq!(
+            broker.reclaim_share(&old, &old_token, owner).await.err(),
+            Some(BrokerError::ClaimRefused)
+        );
+        let back = broker
+            .reclaim_share(&newer, &newer_token, owner)
+            .await
+            .unwrap();
+        assert_eq!(broker.share_owner(&third.share).await.unwrap(), Some(owner));
+        assert_eq!(
+            broker.share_owner(&fourth.share).await.unwrap(),
+            Some(owner)
+        );
+        assert_eq!(broker.share_owner(&back.share).await.unwrap(), Some(owner));
+        assert_eq!(
+            broker.create_share(owner).await.err(),
+            Some(BrokerError::ShareRecordsFull)
+        );
     }
 }

@@ -39,6 +39,29 @@ pub enum BrokerError {
     UnsupportedUri(String),
     #[error("backend: {0}")]
     Backend(String),
+    /// The node keeps as many share records as it may, every one of them live.
+    #[error("this server holds as many shares as it can; try again later")]
+    ShareRecordsFull,
+}
+
+/// What the broker holds at most.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerLimits {
+    pub inbox: InboxLimits,
+    /// Share records kept on this node (memory backend): live shares and withdrawn ones still
+    /// reclaimable. At the cap, the longest-withdrawn are forgotten first; new shares are
+    /// refused only when every record is live.
+    pub max_share_records: usize,
+}
+
+impl BrokerLimits {
+    /// Inboxes of `messages` (and 1 MiB) and the default share cap (tests).
+    pub fn inbox(messages: usize) -> Self {
+        Self {
+            inbox: InboxLimits::new(messages, 1 << 20),
+            max_share_records: 100_000,
+        }
+    }
 }
 
 /// Drops whatever a backend must undo when a registration or share ends.
@@ -136,18 +159,20 @@ pub trait Broker: Send + Sync + 'static {
     fn close(&self);
     /// Bytes waiting in this node's inboxes.
     fn queued_bytes(&self) -> usize;
+    /// Share records this node keeps (`None`: they live in the backend, with their own expiry).
+    fn share_records(&self) -> Option<usize>;
 }
 
 pub type DynBroker = Arc<dyn Broker>;
 
 /// The backend named by `uri`: `memory://`, or `redis://host:port[/db]` (connects before it
 /// returns, so an unreachable Redis fails startup).
-pub async fn from_uri(uri: &str, inbox: InboxLimits) -> Result<DynBroker, BrokerError> {
+pub async fn from_uri(uri: &str, limits: BrokerLimits) -> Result<DynBroker, BrokerError> {
     match uri.split_once("://") {
-        Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(inbox))),
+        Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(limits))),
         Some(("redis", rest)) if !rest.is_empty() => {
             let options = RedisOptions {
-                inbox,
+                inbox: limits.inbox,
                 ..Default::default()
             };
             Ok(Arc::new(RedisBroker::connect(uri, options).await?))
@@ -162,9 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn backend_is_chosen_by_scheme() {
-        assert!(from_uri("memory://", InboxLimits::new(8, 1 << 20))
-            .await
-            .is_ok());
+        assert!(from_uri("memory://", BrokerLimits::inbox(8)).await.is_ok());
         for uri in [
             "carrier-pigeon://x",
             "redis://",
@@ -172,14 +195,14 @@ mod tests {
             "rediss://h:1",
         ] {
             assert_eq!(
-                from_uri(uri, InboxLimits::new(8, 1 << 20)).await.err(),
+                from_uri(uri, BrokerLimits::inbox(8)).await.err(),
                 Some(BrokerError::UnsupportedUri(uri.into())),
                 "{uri}"
             );
         }
         // A redis URI is accepted by scheme, then must connect: nothing listens on port 1.
         assert!(matches!(
-            from_uri("redis://127.0.0.1:1", InboxLimits::new(8, 1 << 20))
+            from_uri("redis://127.0.0.1:1", BrokerLimits::inbox(8))
                 .await
                 .err(),
             Some(BrokerError::Backend(_))

@@ -934,6 +934,10 @@ impl Broker for RedisBroker {
     fn queued_bytes(&self) -> usize {
         self.inner.opts.inbox.queued_bytes()
     }
+
+    fn share_records(&self) -> Option<usize> {
+        None
+    }
 }
 
 #[cfg(test)]
