@@ -113,6 +113,9 @@ pub enum Phase {
     },
     /// The signaling socket could not be opened or dropped before the peers connected.
     ServerLost(String),
+    /// The server kept answering the join with "busy" (the sender's inbox full, our rate
+    /// limit, a backend failure) however often it was asked again.
+    ServerBusy,
     /// Nothing a retry fixes: a bad link, a share that is gone.
     Failed(String),
 }
@@ -138,7 +141,10 @@ impl Phase {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            Phase::SenderGone | Phase::Unreachable { .. } | Phase::ServerLost(_)
+            Phase::SenderGone
+                | Phase::Unreachable { .. }
+                | Phase::ServerLost(_)
+                | Phase::ServerBusy
         )
     }
 }
@@ -170,6 +176,10 @@ impl fmt::Display for Phase {
                  even through the server's relay",
             ),
             Phase::ServerLost(why) => write!(f, "Lost the connection to the server: {why}"),
+            Phase::ServerBusy => f.write_str(
+                "Could not reach the sender: the server is too busy to pass the request on \
+                 right now. Try again in a moment",
+            ),
             Phase::Failed(why) => write!(f, "Connection failed: {why}"),
         }
     }

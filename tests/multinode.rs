@@ -427,3 +427,95 @@ async fn a_crashed_node_s_peers_become_unknown_and_expire() {
     drop((b, c));
     stop(n1).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_whose_introduction_was_dropped_on_a_full_inbox_is_repaired_by_joining_again() {
+    // Sender A on node 1 stops reading while C floods it, so A's inbox is full when receiver B
+    // on node 2 joins: node 1 drops B's `peer_joined` and tells B `peer_busy`. Once A reads
+    // again, B joining again must reach A (A hears `peer_joined`, and A's answer reaches B);
+    // a join that only answered `joined` (the pair counted as introduced already) would leave
+    // B waiting for ever.
+    const KIB: usize = 1024;
+    let redis = TestRedis::start();
+    let mut config = redis.config();
+    config.limits.inbox_capacity = 4;
+    config.limits.rate_limit_per_sec = 0;
+    config.limits.slow_reader_grace_secs = 60;
+    let (n1, n2) = (server_with(config.clone()).await, server_with(config).await);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * KIB as u32).unwrap();
+    let tcp = socket.connect(n1.addr).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("ws://{}/ws", n1.addr), tcp)
+        .await
+        .unwrap();
+    let (mut a, a_id) = welcome(ws).await;
+    let share = create_share(&mut a).await;
+    let (mut c, c_id) = connect(n1.addr).await;
+    introduce(&mut a, a_id, &share, &mut c, c_id).await;
+
+    // A reads nothing now; C floods it until A's inbox is full.
+    let big = "f".repeat(60 * KIB);
+    let mut full = false;
+    for _ in 0..400 {
+        signal(&mut c, a_id, &big).await;
+        if let Some(ServerMsg::Error {
+            code: ErrorCode::PeerBusy,
+            ..
+        }) = recv_within(&mut c, Duration::from_millis(5)).await
+        {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "A's inbox never filled");
+
+    // B joins from node 2 while A's inbox is full: told busy, A never hears of it.
+    let (mut b, b_id) = connect(n2.addr).await;
+    send(
+        &mut b,
+        &ClientMsg::Join {
+            share: share.clone(),
+        },
+    )
+    .await;
+    let mut busy = false;
+    while let Some(msg) = recv_within(&mut b, Duration::from_secs(3)).await {
+        match msg {
+            ServerMsg::Joined { sender, .. } => assert_eq!(sender, a_id),
+            ServerMsg::Error {
+                code: ErrorCode::PeerBusy,
+                ..
+            } => busy = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        busy,
+        "B's introduction was not dropped: the test proves nothing"
+    );
+
+    // A catches up on everything queued for it (C's flood; no `peer_joined` among it).
+    while let Some(msg) = recv_within(&mut a, Duration::from_secs(2)).await {
+        if let ServerMsg::PeerJoined { peer, .. } = msg {
+            assert_ne!(peer, b_id, "the dropped introduction arrived after all");
+        }
+    }
+
+    // B joins again: this time A hears of it, and A's answer reaches B.
+    assert_eq!(join(&mut b, &share).await, a_id);
+    match recv(&mut a).await {
+        ServerMsg::PeerJoined { peer, .. } => assert_eq!(peer, b_id),
+        other => panic!("expected B's peer_joined, got {other:?}"),
+    }
+    signal(&mut a, b_id, "offer").await;
+    assert_eq!(
+        recv(&mut b).await,
+        ServerMsg::Signal {
+            from: a_id,
+            payload: "offer".into()
+        }
+    );
+    drop(c);
+    stop(n1).await;
+    stop(n2).await;
+}

@@ -1081,6 +1081,21 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                         rejoin_later(&mut s, state);
                     }
                 }
+                // The join (or the hello after it) did not get through: the sender's inbox was
+                // full, we were rate limited, or the backend failed. Ask again shortly, within
+                // the same bounded budget; then say so, with a way to try again.
+                ErrorCode::PeerBusy | ErrorCode::RateLimited | ErrorCode::Internal
+                    if !paused && s.still_joining() =>
+                {
+                    leptos::logging::warn!("server error {code:?} while joining: {message}");
+                    if s.rejoins_left == 0 {
+                        s.link = None;
+                        s.ui.phase.set(Phase::ServerBusy);
+                    } else if !s.rejoin_pending {
+                        s.rejoins_left -= 1;
+                        rejoin_later(&mut s, state);
+                    }
+                }
                 _ => leptos::logging::warn!("server error {code:?}: {message}"),
             }
         }

@@ -630,6 +630,12 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                     s.share = None;
                     s.request_share();
                 }
+                // No link could be made (this address made too many, or the server holds as
+                // many shares as it can): say so, rather than wait for one.
+                ErrorCode::TooManyShares if !s.share_live => {
+                    s.ui.error
+                        .set(Some(format!("Could not make a link: {message}.")));
+                }
                 // The backend failed while the share was being set up: ask again shortly.
                 ErrorCode::Internal if !s.share_live && s.me.is_some() => {
                     let me = s.me;

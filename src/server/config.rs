@@ -239,11 +239,13 @@ impl Limits {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs.max(1))
     }
-    /// How long a frame of `bytes` may wait for the client to take it.
+    /// How long a frame of `bytes` may wait for the client to take it (never longer than the
+    /// idle timeout: a client that neither reads nor writes is gone either way).
     pub fn send_limit(&self, bytes: usize) -> Duration {
         let floor = self.min_read_bytes_per_sec.max(1) as f64;
-        Duration::from_secs(self.slow_reader_grace_secs.max(1))
-            + Duration::from_secs_f64(bytes as f64 / floor)
+        let at_floor = Duration::from_secs(self.slow_reader_grace_secs.max(1))
+            + Duration::from_secs_f64(bytes as f64 / floor);
+        at_floor.min(self.idle_timeout())
     }
     /// What the broker may hold.
     pub fn broker(&self) -> crate::server::broker::BrokerLimits {

@@ -652,13 +652,10 @@ impl Session {
                         return Some(self.broker_error(e));
                     }
                 };
-                if self.introduced.contains(&owner) {
-                    // Already introduced: the sender is not asked to connect a second time.
-                    return Some(ServerMsg::Joined {
-                        share,
-                        sender: owner,
-                    });
-                }
+                // Told again on every join, also when this pair was introduced before: the
+                // first `peer_joined` may have been dropped on the way (a full inbox on the
+                // sender's node), and a receiver whose join stalled joins again. Senders ignore
+                // a join until the receiver's sealed hello, so a repeat costs them nothing.
                 let joined = ServerMsg::PeerJoined {
                     share: share.clone(),
                     peer: self.peer,
