@@ -32,6 +32,30 @@ need_rust_tools() {
   fi
 }
 
+need_rust_lint_tools() {
+  local component
+  for component in rustfmt clippy; do
+    if ! rustup component list --installed | grep -q "^$component"; then
+      say "adding the $component component"
+      rustup component add "$component"
+    fi
+  done
+}
+
+# The layers depend one way only: the transfer engine on nothing of the app, the client and the
+# view state on no component, the components only through the client, the view state and server
+# functions. Fails on an import against that direction.
+check_layering() {
+  local bad
+  bad=$(grep -rnE 'crate::(client|components|server|app)\b' "$ROOT/src/transfer" || true)
+  bad+=$(grep -rnE 'crate::components\b|super::components\b' "$ROOT/src/client" "$ROOT/src/view.rs" "$ROOT/src/server" || true)
+  if [ -n "$bad" ]; then
+    echo "layering broken (see check_layering in scripts/setup.sh):" >&2
+    echo "$bad" >&2
+    return 1
+  fi
+}
+
 apt_updated=0
 need_apt() { # need_apt <command> <package>...
   local cmd=$1; shift

@@ -171,6 +171,7 @@ async fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
     })
     .await;
     let addr = server.addr;
+    let rss_before = rss_kib();
     // A thousand slowloris clients: one header byte every 200 ms, never the blank line.
     let started = Instant::now();
     let slow: Vec<_> = (0..1000)
@@ -201,6 +202,19 @@ async fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     let (status, body) = get(&mut tcp, "/healthz").await;
     assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "ok"));
+    // Memory while they all hold a connection (before the 1 s timeout): the server's side of
+    // each (and, in this process, the client's) costs kilobytes, not a header buffer's worth.
+    sleep(Duration::from_millis(600)).await;
+    let held = metrics_text(addr).await;
+    let growth_kib = rss_kib().saturating_sub(rss_before);
+    println!(
+        "1,000 trickling clients: process RSS +{:.1} MiB while held ({})",
+        growth_kib as f64 / 1024.0,
+        held.lines()
+            .find(|l| l.starts_with("beamdrop_http_connections "))
+            .unwrap_or("?")
+    );
+    assert!(growth_kib < 64 * 1024, "RSS grew {growth_kib} KiB");
     for client in slow {
         let cut = client.await.expect("slow client task");
         let after = cut - started;
@@ -214,6 +228,18 @@ async fn a_client_trickling_its_headers_is_cut_off_and_others_are_served() {
         "{metrics}"
     );
     stop(server).await;
+}
+
+/// This process's resident memory (the server runs in it), from `/proc/self/status`.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 async fn metrics_text(addr: SocketAddr) -> String {
