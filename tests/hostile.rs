@@ -795,5 +795,7 @@ async fn share_creations_and_lookups_are_paced_per_address_and_records_are_count
     let text = raw_get(addr, &page).await;
     assert!(text.contains("too many look-ups"), "{text}");
     assert_eq!(metric(addr, rejections("lookup_rate").as_str()).await, 1);
+    // The kernel's listen-queue overflows are served beside them (host-wide counters).
+    assert!(metric(addr, "beamdrop_listen_overflows_total").await >= 0);
     stop(server).await;
 }

@@ -288,6 +288,22 @@ impl Metrics {
             "Bytes of messages waiting in this node's peer inboxes.",
             inbox_bytes.to_string(),
         );
+        if let Some((overflows, drops)) = listen_queue_counters() {
+            single(
+                "beamdrop_listen_overflows_total",
+                "counter",
+                "Connections the kernel turned away because a listen queue was full (TcpExt \
+                 ListenOverflows: every listener of this host or network namespace).",
+                overflows.to_string(),
+            );
+            single(
+                "beamdrop_listen_drops_total",
+                "counter",
+                "SYNs the kernel dropped at a listener, overflows included (TcpExt ListenDrops, \
+                 host or network namespace).",
+                drops.to_string(),
+            );
+        }
         if let Some(records) = share_records {
             single(
                 "beamdrop_share_records",
@@ -429,6 +445,27 @@ fn labelled<'a>(
     }
 }
 
+/// The kernel's listen-queue counters (`ListenOverflows`, `ListenDrops` from `/proc/net/netstat`).
+/// Linux counts them per network namespace, not per socket: a node alone in its namespace (a
+/// container) sees its own; beside other listeners, theirs too. `None` where there is no such
+/// file.
+pub fn listen_queue_counters() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    parse_listen_counters(&text)
+}
+
+fn parse_listen_counters(netstat: &str) -> Option<(u64, u64)> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let pairs: std::collections::HashMap<&str, &str> = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .collect();
+    let get = |name: &str| pairs.get(name)?.parse::<u64>().ok();
+    Some((get("ListenOverflows")?, get("ListenDrops")?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,5 +564,19 @@ mod tests {
             text.matches("# TYPE ").count()
         );
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn listen_queue_counters_are_read_from_netstat() {
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops TCPHPHits\n\
+                       TcpExt: 0 17 19 5\n\
+                       IpExt: InNoRoutes\n\
+                       IpExt: 0\n";
+        assert_eq!(parse_listen_counters(netstat), Some((17, 19)));
+        assert_eq!(parse_listen_counters("IpExt: A\nIpExt: 1\n"), None);
+        assert_eq!(
+            parse_listen_counters("TcpExt: ListenOverflows\nTcpExt: x\n"),
+            None
+        );
     }
 }

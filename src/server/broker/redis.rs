@@ -71,7 +71,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, MissedTickBehavior};
 use uuid::Uuid;
 
@@ -195,13 +194,7 @@ fn backend(e: RedisError) -> BrokerError {
 }
 
 /// Aborts the task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+type AbortOnDrop = tokio_util::task::AbortOnDropHandle<()>;
 
 /// A handle to one node's view of the Redis broker. Clones share everything; the subscriber task
 /// stops when the last clone (including those inside registration guards and leases) is dropped.
@@ -267,8 +260,8 @@ impl RedisBroker {
         let task = tokio::spawn(subscriber(inner.clone(), client, Some((sink, stream))));
         Ok(Self {
             inner: inner.clone(),
-            _subscriber: Arc::new(AbortOnDrop(task)),
-            _presence: Arc::new(AbortOnDrop(tokio::spawn(refresh_presence(inner)))),
+            _subscriber: Arc::new(AbortOnDrop::new(task)),
+            _presence: Arc::new(AbortOnDrop::new(tokio::spawn(refresh_presence(inner)))),
         })
     }
 
@@ -667,7 +660,7 @@ fn spawn_share_refresher(inner: &Inner, keys: ShareKeys) -> AbortOnDrop {
         inner.claim_ttl_ms(),
     );
     let retry = every.min(Duration::from_millis(500));
-    AbortOnDrop(tokio::spawn(async move {
+    AbortOnDrop::new(tokio::spawn(async move {
         epoch.borrow_and_update();
         let mut ok = true;
         let mut last_ok = tokio::time::Instant::now();

@@ -17,7 +17,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use webrtc_util::Conn;
 
 /// Messages queued towards one TCP client; more are dropped, as UDP would.
@@ -55,7 +54,8 @@ pub struct TcpMux {
     local: SocketAddr,
     inbox: tokio::sync::Mutex<mpsc::Receiver<Datagram>>,
     writers: Arc<DashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
-    accept: JoinHandle<()>,
+    /// The accept loop, ended with the listener.
+    _accept: tokio_util::task::AbortOnDropHandle<()>,
 }
 
 /// Connection caps at accept time.
@@ -106,14 +106,8 @@ impl TcpMux {
             local,
             inbox: tokio::sync::Mutex::new(inbox),
             writers,
-            accept,
+            _accept: tokio_util::task::AbortOnDropHandle::new(accept),
         })
-    }
-}
-
-impl Drop for TcpMux {
-    fn drop(&mut self) {
-        self.accept.abort();
     }
 }
 
