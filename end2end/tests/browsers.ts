@@ -1,6 +1,6 @@
 // Two separate headless Chromium instances (sender, receiver) with flags that keep every packet on
 // this machine: host candidates with real addresses, no STUN/TURN, no calls home.
-import { chromium, expect, type Browser, type Page } from '@playwright/test';
+import { chromium, expect, type Browser, type BrowserContext, type Page } from '@playwright/test';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -123,4 +123,29 @@ export async function download(
   const seconds = (Date.now() - started) / 1000;
   await expect(item.getByTestId('file-status')).toContainText('verified');
   return { saved, seconds, suggested: dl.suggestedFilename() };
+}
+
+/** Keeps every RTCPeerConnection a page makes reachable from the test. */
+export async function trackPeerConnections(context: BrowserContext): Promise<void> {
+  await context.addInitScript(() => {
+    const Native = window.RTCPeerConnection;
+    const all: RTCPeerConnection[] = [];
+    (window as unknown as { __pcs: RTCPeerConnection[] }).__pcs = all;
+    window.RTCPeerConnection = class extends Native {
+      constructor(config?: RTCConfiguration) {
+        super(config);
+        all.push(this);
+      }
+    } as typeof RTCPeerConnection;
+  });
+}
+
+/** How many RTCPeerConnections a page of a tracked context has made. */
+export async function peerConnections(page: Page): Promise<number> {
+  return page.evaluate(() => (window as unknown as { __pcs: RTCPeerConnection[] }).__pcs.length);
+}
+
+/** The bytes the sender's page says it has sent. */
+export async function bytesSent(sender: Page): Promise<number> {
+  return Number(await sender.getByTestId('bytes-sent').getAttribute('data-bytes'));
 }

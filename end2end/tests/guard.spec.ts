@@ -1,34 +1,11 @@
 // What a sender spends on strangers and on a change of mind: joins without the link's secret
 // cost it no connection at all, and a cancelled download stops its sending within a second
 // (downloading again picks up where it stopped).
-import { test, expect, type BrowserContext, type Page } from '@playwright/test';
-import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until } from './browsers';
+import { test, expect } from '@playwright/test';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until, trackPeerConnections, peerConnections, bytesSent } from './browsers';
 import { BASE_URL } from '../playwright.config';
 
 const MiB = 1024 * 1024;
-
-/** Keeps every RTCPeerConnection the context's pages make countable from the test. */
-async function countPeerConnections(context: BrowserContext): Promise<void> {
-  await context.addInitScript(() => {
-    const Native = window.RTCPeerConnection;
-    const w = window as unknown as { __pcs: number };
-    w.__pcs = 0;
-    window.RTCPeerConnection = class extends Native {
-      constructor(config?: RTCConfiguration) {
-        super(config);
-        w.__pcs += 1;
-      }
-    } as typeof RTCPeerConnection;
-  });
-}
-
-async function peerConnections(page: Page): Promise<number> {
-  return page.evaluate(() => (window as unknown as { __pcs: number }).__pcs);
-}
-
-async function bytesSent(sender: Page): Promise<number> {
-  return Number(await sender.getByTestId('bytes-sent').getAttribute('data-bytes'));
-}
 
 test('200 joins without the secret leave the sender with no peer connection', async () => {
   const dir = tempDir();
@@ -36,7 +13,7 @@ test('200 joins without the secret leave the sender with no peer connection', as
   const [senderBrowser, strangerBrowser] = await Promise.all([launch(), launch()]);
   try {
     const senderContext = await senderBrowser.newContext({ baseURL: BASE_URL });
-    await countPeerConnections(senderContext);
+    await trackPeerConnections(senderContext);
     const sender = await senderContext.newPage();
     await sender.goto('/');
     await hydrated(sender);

@@ -1,7 +1,7 @@
 // Transfers that survive: a reloaded receiver, a cut connection and a damaged block all end in a
 // verified file, and only what was missing crosses again.
 import { test, expect, type Page, type BrowserContext } from '@playwright/test';
-import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until } from './browsers';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, shareLink, until, trackPeerConnections, bytesSent } from './browsers';
 import { BASE_URL } from '../playwright.config';
 
 const MiB = 1024 * 1024;
@@ -25,30 +25,12 @@ async function seen(page: Page): Promise<string[]> {
   return page.evaluate(() => (window as unknown as { __seen: string[] }).__seen ?? []);
 }
 
-/** Keeps every RTCPeerConnection a page makes reachable from the test. */
-async function trackPeerConnections(context: BrowserContext): Promise<void> {
-  await context.addInitScript(() => {
-    const Native = window.RTCPeerConnection;
-    const all: RTCPeerConnection[] = [];
-    (window as unknown as { __pcs: RTCPeerConnection[] }).__pcs = all;
-    window.RTCPeerConnection = class extends Native {
-      constructor(config?: RTCConfiguration) {
-        super(config);
-        all.push(this);
-      }
-    } as typeof RTCPeerConnection;
-  });
-}
-
 /** The fraction (0..1) of a file row's progress bar. */
 async function fraction(page: Page, name: string): Promise<number> {
   const bar = page.getByTestId('file-item').filter({ hasText: name }).locator('progress');
   return Number((await bar.getAttribute('value')) ?? 0);
 }
 
-async function bytesSent(sender: Page): Promise<number> {
-  return Number(await sender.getByTestId('bytes-sent').getAttribute('data-bytes'));
-}
 
 test('a receiver reloaded mid-transfer resumes where it stopped: verified, and little sent twice', async () => {
   const size = 64 * MiB;

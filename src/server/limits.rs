@@ -162,6 +162,20 @@ pub fn origin_allowed(origin: Option<&str>, host: Option<&str>, allowed: &[Strin
     normalize(authority) == normalize(host)
 }
 
+/// [`client_ip`] of a request: its socket's peer and its `X-Forwarded-For` headers.
+pub fn request_client_ip(
+    peer: IpAddr,
+    headers: &axum::http::HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> IpAddr {
+    let forwarded_for: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    client_ip(peer, &forwarded_for, trusted)
+}
+
 /// The client's address: the socket's peer, unless that is a trusted reverse proxy, in which case
 /// the rightmost `X-Forwarded-For` entry that is not a trusted proxy (each proxy appends the
 /// address it heard from; entries left of the first untrusted one are the client's to forge).

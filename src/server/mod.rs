@@ -98,17 +98,11 @@ pub async fn share_is_live(share: &str) -> Result<bool, String> {
         &state.share_lookups,
         leptos::prelude::use_context::<axum::http::request::Parts>(),
     ) {
-        let forwarded_for: Vec<&str> = parts
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
         let ip = parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()
             .map(|ConnectInfo(addr)| {
-                limits::client_ip(addr.ip(), &forwarded_for, &state.config.trusted_proxies)
+                limits::request_client_ip(addr.ip(), &parts.headers, &state.config.trusted_proxies)
             });
         if ip.is_some_and(|ip| !rate.check(ip)) {
             state.metrics.reject(Rejection::LookupRate);

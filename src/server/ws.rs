@@ -8,7 +8,7 @@
 
 use super::broker::{BrokerError, DynBroker, Registration, ShareLease};
 use super::config::{Config, Limits};
-use super::limits::{client_ip, origin_allowed, IpSlot, PerIpRate, TokenBucket};
+use super::limits::{origin_allowed, request_client_ip, IpSlot, PerIpRate, TokenBucket};
 use super::metrics::{Disconnect, Gauge, GaugeGuard, JoinOutcome, Metrics, Rejection};
 use super::turn::credentials::Issuer;
 use super::AppState;
@@ -38,13 +38,8 @@ pub async fn handler(
     uri: Uri,
     connect_info: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
-    let forwarded_for: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
     let ip = connect_info.map(|Extension(ConnectInfo(addr))| {
-        client_ip(addr.ip(), &forwarded_for, &state.config.trusted_proxies)
+        request_client_ip(addr.ip(), &headers, &state.config.trusted_proxies)
     });
 
     // Browsers always send Origin on WebSocket handshakes; a page elsewhere must not be able to
