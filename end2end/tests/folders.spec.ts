@@ -1,10 +1,11 @@
 // "Download all" on a share with folders: the tree arrives as a tree, into a chosen folder where
 // the browser has a folder picker, else as one ZIP; and a hostile sender's paths stay inside.
+// Into a chosen folder, or a file chosen with "Save as…", bytes are written straight there.
 import { test, expect, type BrowserContext, type Page } from '@playwright/test';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { launch, hydrated, tempDir, randomFile, writeFile, sha256, shareLink } from './browsers';
+import { launch, hydrated, tempDir, randomFile, writeFile, sha256, shareLink, until, bytesSent } from './browsers';
 import { BASE_URL } from '../playwright.config';
 
 /** Headless Chromium cannot show a folder picker: stand one in that "picks" an OPFS folder,
@@ -16,6 +17,14 @@ async function pickOpfsFolder(context: BrowserContext): Promise<void> {
   });
 }
 
+/** The same for the save dialog ("Save as…"): it "picks" `saved-<suggested name>` in OPFS. */
+async function pickOpfsFile(context: BrowserContext): Promise<void> {
+  await context.addInitScript(() => {
+    (window as unknown as { showSaveFilePicker: (o: { suggestedName: string }) => Promise<FileSystemFileHandle> }).showSaveFilePicker =
+      async (options) => (await navigator.storage.getDirectory()).getFileHandle(`saved-${options.suggestedName}`, { create: true });
+  });
+}
+
 /** A browser without a folder picker (Firefox, Safari). */
 async function noFolderPicker(context: BrowserContext): Promise<void> {
   await context.addInitScript(() => {
@@ -23,8 +32,9 @@ async function noFolderPicker(context: BrowserContext): Promise<void> {
   });
 }
 
-/** Every file under the OPFS folder `picked` and the other top-level OPFS entries. */
-async function pickedTree(page: Page): Promise<{ files: Record<string, string>; top: string[] }> {
+/** Every file under the OPFS folder `picked` (name → SHA-256), the top-level OPFS entries, and
+ * every file the app keeps in OPFS itself (under `beamdrop/`: partial downloads it stages). */
+async function pickedTree(page: Page): Promise<{ files: Record<string, string>; top: string[]; staged: string[] }> {
   return page.evaluate(async () => {
     const hex = (buf: ArrayBuffer) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, '0')).join('');
     const files: Record<string, string> = {};
@@ -40,7 +50,16 @@ async function pickedTree(page: Page): Promise<{ files: Record<string, string>; 
     // @ts-expect-error: async iteration over a directory handle
     for await (const name of root.keys()) top.push(name);
     await walk(await root.getDirectoryHandle('picked'), '');
-    return { files, top };
+    const staged: string[] = [];
+    const list = async (dir: FileSystemDirectoryHandle, prefix: string) => {
+      // @ts-expect-error: async iteration over a directory handle
+      for await (const [name, handle] of dir.entries()) {
+        if (handle.kind === 'directory') await list(handle, `${prefix}${name}/`);
+        else staged.push(`${prefix}${name}`);
+      }
+    };
+    if (top.includes('beamdrop')) await list(await root.getDirectoryHandle('beamdrop'), '');
+    return { files, top, staged };
   });
 }
 
@@ -86,6 +105,8 @@ test('a folder with subfolders and same-named files arrives as a tree: into a ch
     for (let i = 0; i < 4; i++) await expect(statuses.nth(i)).toHaveText('verified');
     const tree = await pickedTree(picker);
     expect(tree.files).toEqual(want);
+    // Written straight into the folder: nothing was staged in the app's own OPFS space first.
+    expect(tree.staged).toEqual([]);
 
     // Without one: one ZIP, named after the folder, holding the same tree.
     const zipContext = await browsers[2].newContext({ acceptDownloads: true });
@@ -148,6 +169,88 @@ test('a hostile sender naming paths with ../ cannot write outside the chosen fol
     const tree = await pickedTree(fresh);
     expect(tree.files).toEqual({ 'etc/cron.d/payload.bin': sha256(file) });
     expect(tree.top.sort()).toEqual(['beamdrop', 'picked']);
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});
+
+test('a download into a chosen folder shows up there only whole: stopped halfway it leaves nothing, then arrives verified', async () => {
+  const dir = tempDir();
+  const folder = path.join(dir, 'clips');
+  mkdirSync(path.join(folder, 'day1'), { recursive: true });
+  const big = randomFile(path.join(folder, 'day1'), 'take.bin', 48 * 1024 * 1024);
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    const sender = await (await senderBrowser.newContext({ baseURL: BASE_URL })).newPage();
+    await sender.goto('/');
+    await hydrated(sender);
+    await sender.getByTestId('folder-input').setInputFiles(folder);
+    await expect(sender.getByTestId('file-item')).toHaveCount(1);
+    const link = await shareLink(sender);
+
+    const context = await receiverBrowser.newContext({ acceptDownloads: true });
+    await pickOpfsFolder(context);
+    const receiver = await context.newPage();
+    await receiver.goto(link);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    const item = receiver.getByTestId('file-item');
+    await receiver.getByTestId('download-all').click();
+    await until('a quarter of the file sent', async () => (await bytesSent(sender)) > 12 * 1024 * 1024, 60_000);
+    await item.getByTestId('cancel').click();
+    await expect(item.getByTestId('file-status')).toHaveText('ready');
+    // Stopped: nothing under the file's name, nothing staged.
+    await until('the stopped file gone from the folder', async () => {
+      const tree = await pickedTree(receiver);
+      return Object.keys(tree.files).length === 0 && tree.staged.length === 0;
+    }, 10_000);
+
+    // Asked again: it arrives whole, in its place in the tree.
+    await item.getByTestId('download').click();
+    await expect(item.getByTestId('file-status')).toHaveText('verified', { timeout: 120_000 });
+    const tree = await pickedTree(receiver);
+    expect(tree.files).toEqual({ 'clips/day1/take.bin': sha256(big) });
+    expect(tree.staged).toEqual([]);
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});
+
+test('"Save as…" writes the file straight into the file chosen in the save dialog', async () => {
+  const dir = tempDir();
+  const file = randomFile(dir, 'report.bin', 20 * 1024 * 1024 + 5);
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    const sender = await (await senderBrowser.newContext({ baseURL: BASE_URL })).newPage();
+    await sender.goto('/');
+    await hydrated(sender);
+    await sender.getByTestId('file-input').setInputFiles([file]);
+    const link = await shareLink(sender);
+
+    const context = await receiverBrowser.newContext({ acceptDownloads: true });
+    await pickOpfsFile(context);
+    const receiver = await context.newPage();
+    let downloads = 0;
+    receiver.on('download', () => downloads++);
+    await receiver.goto(link);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    const item = receiver.getByTestId('file-item');
+    await item.getByTestId('save-as').click();
+    await expect(item.getByTestId('file-status')).toHaveText('verified', { timeout: 120_000 });
+    const saved = await receiver.evaluate(async () => {
+      const hex = (buf: ArrayBuffer) => [...new Uint8Array(buf)].map((b) => b.toString(16).padStart(2, '0')).join('');
+      const root = await navigator.storage.getDirectory();
+      const top: string[] = [];
+      // @ts-expect-error: async iteration over a directory handle
+      for await (const name of root.keys()) top.push(name);
+      const handle = await root.getFileHandle('saved-report.bin');
+      return { top, hash: hex(await crypto.subtle.digest('SHA-256', await (await handle.getFile()).arrayBuffer())) };
+    });
+    expect(saved.hash).toBe(sha256(file));
+    // Nothing staged in the app's OPFS space, and no second copy through the downloads folder.
+    expect(saved.top).toEqual(['saved-report.bin']);
+    expect(downloads).toBe(0);
   } finally {
     await senderBrowser.close();
     await receiverBrowser.close();

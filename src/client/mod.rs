@@ -13,6 +13,7 @@ pub mod sender;
 pub mod signaling;
 pub mod sink;
 pub mod worker;
+pub mod writable;
 
 use crate::seal::SealError;
 use crate::transfer::TransferError;

@@ -18,9 +18,10 @@
 
 use super::channel::{send_msg, Channel, ChannelEvent};
 use super::rtc::{open_payload, LinkEvent, Outbox, RtcLink};
-use super::save::{pick_directory, save_to_folder, save_zip};
+use super::save::{pick_directory, pick_file, save_to_file, save_to_folder, save_zip};
 use super::signaling::{self, Event, Signaling};
 use super::sink::{has_record, SinkHandle};
+use super::writable::Place;
 use super::{now_ms, window, ClientError};
 use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload};
 use crate::reconnect::Backoff;
@@ -96,6 +97,8 @@ struct Download {
     meta: FileMeta,
     /// Still present in the sender's list.
     offered: bool,
+    /// Where the person chose to put it, if they did: it is written straight there.
+    place: Option<Place>,
     /// Where the sink stands with the file.
     open: OpenState,
     missing: Vec<ByteRange>,
@@ -304,12 +307,16 @@ impl State {
                 break;
             }
             if d.offered && d.open == OpenState::Closed {
-                sink.command(SinkCmd::Open {
+                let open = SinkCmd::Open {
                     share: share.clone(),
                     key: key.clone(),
                     name: d.meta.name.clone(),
                     size: d.meta.size,
-                });
+                };
+                match &d.place {
+                    Some(place) => sink.open_in(open, place),
+                    None => sink.command(open),
+                }
                 d.open = OpenState::Opening;
                 busy += 1;
             }
@@ -400,8 +407,34 @@ impl ReceiverSession {
             .files
             .with_untracked(|rows| rows.iter().find(|r| r.id() == file).cloned());
         if let Some(row) = row {
-            start_download(state, row);
+            start_download(state, row, None);
         }
+    }
+
+    /// "Save as…": the browser's save dialog (where it has one; call this from the click),
+    /// then the file is written straight into the file chosen there.
+    pub fn save_as(&self, file: crate::transfer::FileId) {
+        let Some(state) = &self.state else { return };
+        let row = state
+            .borrow()
+            .ui
+            .files
+            .with_untracked(|rows| rows.iter().find(|r| r.id() == file).cloned());
+        let Some(row) = row else { return };
+        let Some(picked) = pick_file(&safe_name(&row.meta.name)) else {
+            return start_download(state, row, None);
+        };
+        let weak = Rc::downgrade(state);
+        spawn_local(async move {
+            // Cancelled: nothing to do.
+            let Ok(handle) = JsFuture::from(picked).await else {
+                return;
+            };
+            let (Some(state), Ok(handle)) = (weak.upgrade(), handle.dyn_into()) else {
+                return;
+            };
+            start_download(&state, row, Some(Place::File(handle)));
+        });
     }
 
     /// "Download all": every file not downloaded yet. A share with folders goes into a folder
@@ -425,7 +458,7 @@ impl ReceiverSession {
             .any(|r| safe_path(&r.meta.path, &r.meta.name).len() > 1);
         if !folders {
             for row in rows {
-                start_download(state, row);
+                start_download(state, row, None);
             }
             return;
         }
@@ -518,7 +551,7 @@ fn start_batch(state: &Rc<RefCell<State>>, target: Target, rows: Vec<FileRow>) {
         }
     }
     for row in rows {
-        start_download(state, row);
+        start_download(state, row, None);
     }
 }
 
@@ -529,6 +562,7 @@ async fn batch_done(
     sink: Rc<SinkHandle>,
     key: String,
     row: Option<FileRow>,
+    in_place: bool,
 ) {
     let share = state.borrow().share.to_string();
     let (folder, zip) = {
@@ -555,7 +589,10 @@ async fn batch_done(
         }
         (folder, zip)
     };
-    if let (Some(dir), Some(row)) = (folder, row) {
+    if let (true, Some(row)) = (in_place, &row) {
+        row.status.set(FileStatus::Verified);
+    } else if let (Some(dir), Some(row)) = (folder, row) {
+        // Not written in place (part of it was in OPFS already): copied into the folder now.
         let saved = match sink.file(&share, &key).await {
             Ok(blob) => {
                 save_to_folder(&dir, &safe_path(&row.meta.path, &row.meta.name), &blob).await
@@ -592,9 +629,22 @@ async fn batch_done(
 }
 
 /// Adds a download for `row` (unless it is running) and opens it in the sink.
-fn start_download(state: &Rc<RefCell<State>>, row: FileRow) {
+fn start_download(state: &Rc<RefCell<State>>, row: FileRow, place: Option<Place>) {
     let mut s = state.borrow_mut();
     let key = resume_key(s.share.as_str(), &row.meta);
+    // A file of a "Download all" into a folder goes to its place in the tree, also when it is
+    // started again on its own (after a stop or a failure).
+    let place = place.or_else(|| match &s.batch {
+        Some(Batch {
+            target: Target::Folder(dir),
+            pending,
+            ..
+        }) if pending.contains(&key) => Some(Place::InFolder(
+            dir.clone(),
+            safe_path(&row.meta.path, &row.meta.name),
+        )),
+        _ => None,
+    });
     if s.downloads.contains_key(&key) {
         return;
     }
@@ -618,6 +668,7 @@ fn start_download(state: &Rc<RefCell<State>>, row: FileRow) {
             meta: row.meta.clone(),
             row,
             offered: true,
+            place,
             open: OpenState::Closed,
             missing: Vec::new(),
             verified: 0,
@@ -703,16 +754,37 @@ struct Saving {
     /// `None`: the file failed (a batch still needs to hear of it).
     row: Option<FileRow>,
     batched: bool,
+    /// Already written where the person chose: nothing left to save.
+    in_place: bool,
+    /// Where the person chose to put it, if they did.
+    place: Option<Place>,
 }
 
 impl Saving {
     async fn run(self, state: &Rc<RefCell<State>>) {
         if self.batched {
-            return batch_done(state, self.sink, self.key, self.row).await;
+            return batch_done(state, self.sink, self.key, self.row, self.in_place).await;
         }
         let Some(row) = self.row else { return };
-        let name = safe_name(&row.meta.name);
-        let status = match self.sink.save(&self.share, &self.key, &name).await {
+        if self.in_place {
+            return row.status.set(FileStatus::Verified);
+        }
+        let saved = match &self.place {
+            // Resumed from OPFS (an earlier attempt left part of it there): copied over now.
+            Some(Place::File(handle)) => {
+                let saved = match self.sink.file(&self.share, &self.key).await {
+                    Ok(blob) => save_to_file(handle, &blob).await,
+                    Err(e) => Err(e),
+                };
+                self.sink.release(&self.share, &self.key).await;
+                saved
+            }
+            _ => {
+                let name = safe_name(&row.meta.name);
+                self.sink.save(&self.share, &self.key, &name).await
+            }
+        };
+        let status = match saved {
             Ok(()) => FileStatus::Verified,
             Err(e) => FileStatus::Failed(format!("could not save: {e}")),
         };
@@ -808,7 +880,7 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
                 s.send_request(&key, whole);
             }
         }
-        SinkEvent::Finished { key, .. } => {
+        SinkEvent::Finished { key, in_place, .. } => {
             let d = s.finish_download(&key)?;
             d.row.status.set(FileStatus::Verifying);
             d.row
@@ -822,6 +894,8 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
                 key,
                 row: Some(d.row),
                 batched,
+                in_place,
+                place: d.place,
             });
         }
         SinkEvent::Failed { key, message } => {
@@ -839,6 +913,8 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
                     key,
                     row: None,
                     batched: true,
+                    in_place: false,
+                    place: None,
                 });
             }
         }
@@ -1478,7 +1554,7 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
             for (key, row) in candidates {
                 if has_record(&share, &key).await {
                     let Some(state) = weak.upgrade() else { return };
-                    start_download(&state, row);
+                    start_download(&state, row, None);
                 }
             }
         });

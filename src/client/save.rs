@@ -44,6 +44,25 @@ pub fn pick_directory() -> Option<js_sys::Promise> {
     picker.call1(&window, &options).ok()?.dyn_into().ok()
 }
 
+/// The browser's save dialog, where there is one (Chromium-based browsers): a promise of the
+/// file the person chose, `name` suggested. Call it from the click itself.
+pub fn pick_file(name: &str) -> Option<js_sys::Promise> {
+    let window = window().ok()?;
+    let picker = js_sys::Reflect::get(&window, &"showSaveFilePicker".into()).ok()?;
+    let picker = picker.dyn_ref::<js_sys::Function>()?;
+    let options = js_sys::Object::new();
+    let _ = js_sys::Reflect::set(&options, &"suggestedName".into(), &name.into());
+    picker.call1(&window, &options).ok()?.dyn_into().ok()
+}
+
+/// Whether the browser has a save dialog the page can use ("Save as…").
+pub fn can_pick_file() -> bool {
+    window()
+        .ok()
+        .and_then(|w| js_sys::Reflect::get(&w, &"showSaveFilePicker".into()).ok())
+        .is_some_and(|f| f.is_function())
+}
+
 /// Writes `blob` to `parts` (safe path components, the last one the file name) under `dir`,
 /// creating the folders on the way. The browser streams the blob to disk.
 pub async fn save_to_folder(
@@ -68,6 +87,11 @@ pub async fn save_to_folder(
         JsFuture::from(here.get_file_handle_with_options(name, &file_options))
             .await?
             .dyn_into()?;
+    save_to_file(&handle, blob).await
+}
+
+/// Writes `blob` into the file `handle` (the browser streams it to disk).
+pub async fn save_to_file(handle: &FileSystemFileHandle, blob: &Blob) -> Result<(), ClientError> {
     let writable: FileSystemWritableFileStream =
         JsFuture::from(handle.create_writable()).await?.dyn_into()?;
     if let Err(e) = JsFuture::from(writable.write_with_blob(blob)?).await {

@@ -6,6 +6,7 @@
 use super::opfs::{part_name, record_name, share_dir};
 use super::save::save_blob;
 use super::worker::{READY, UNSUPPORTED};
+use super::writable::Place;
 use super::{window, ClientError};
 use crate::transfer::blocks::BLOCK_SIZE;
 use crate::transfer::incoming::MemoryStorage;
@@ -104,6 +105,20 @@ impl SinkHandle {
                 };
                 deliver(sink, done, events, produced);
             }
+        }
+    }
+
+    /// `open` (a [`SinkCmd::Open`]) with the file written straight to `place` where the worker
+    /// can; the memory sink opens it as usual.
+    pub fn open_in(&self, open: SinkCmd, place: &Place) {
+        let message = serde_json::to_string(&open)
+            .map_err(|e| ClientError::Js(e.to_string()))
+            .and_then(|text| place.message(text));
+        match (self, message) {
+            (SinkHandle::Worker { worker, .. }, Ok(message)) => {
+                let _ = worker.post_message(&message);
+            }
+            (_, _) => self.command(open),
         }
     }
 

@@ -64,11 +64,16 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
     };
     #[cfg(not(feature = "hydrate"))]
     let _ = share;
+    // "Save as…" where the browser has a save dialog (known only once hydrated).
+    let save_dialog = RwSignal::new(false);
+    #[cfg(feature = "hydrate")]
+    Effect::new(move |_| save_dialog.set(crate::client::save::can_pick_file()));
     // What the buttons ask of the session (which exists only in the browser).
     #[derive(Clone, Copy)]
     #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
     enum Action {
         Download(FileId),
+        SaveAs(FileId),
         Cancel(FileId),
         DownloadAll,
         Retry,
@@ -79,6 +84,7 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
             if let Some(s) = s {
                 match action {
                     Action::Download(file) => s.request(file),
+                    Action::SaveAs(file) => s.save_as(file),
                     Action::Cancel(file) => s.cancel(file),
                     Action::DownloadAll => s.download_all(),
                     Action::Retry => s.retry(),
@@ -144,6 +150,7 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
                             <span class="status" data-testid="file-status">
                                 {move || status_text.get().to_string()}
                             </span>
+                            <span class="actions">
                             <Show
                                 when=busy
                                 fallback=move || view! {
@@ -154,6 +161,17 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
                                     >
                                         "Download"
                                     </button>
+                                    <Show when=move || save_dialog.get()>
+                                        <button
+                                            class="secondary"
+                                            data-testid="save-as"
+                                            title="Choose where to save it: written there directly, no copy"
+                                            disabled=move || !connected()
+                                            on:click=move |_| act(Action::SaveAs(id))
+                                        >
+                                            "Save as…"
+                                        </button>
+                                    </Show>
                                 }
                             >
                                 <button
@@ -165,6 +183,7 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
                                     "Stop"
                                 </button>
                             </Show>
+                            </span>
                         </li>
                     }
                 }

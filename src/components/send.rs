@@ -177,14 +177,16 @@ pub fn SendPage() -> impl IntoView {
                             <li class="file" data-testid="file-item">
                                 <span class="name">{row.display_name()}</span>
                                 <span class="size">{human_size(row.meta.size)}</span>
-                                <button
-                                    class="secondary"
-                                    data-testid="remove"
-                                    aria-label=format!("Remove {}", row.display_name())
-                                    on:click=move |_| remove_file(id)
-                                >
-                                    "Remove"
-                                </button>
+                                <span class="actions">
+                                    <button
+                                        class="secondary"
+                                        data-testid="remove"
+                                        aria-label=format!("Remove {}", row.display_name())
+                                        on:click=move |_| remove_file(id)
+                                    >
+                                        "Remove"
+                                    </button>
+                                </span>
                             </li>
                         }
                     }

@@ -80,8 +80,15 @@ pub enum SinkEvent {
         transfer: TransferId,
         missing: Vec<ByteRange>,
     },
-    /// `key` is whole and its hash is the sender's; its files are closed, ready to be saved.
-    Finished { key: String, hash: BlockHash },
+    /// `key` is whole and its hash is the sender's; its files are closed, ready to be saved,
+    /// or already `in_place`: written straight into the folder the person picked (said by the
+    /// browser's storage worker; the sink itself always says `false`).
+    Finished {
+        key: String,
+        hash: BlockHash,
+        #[serde(default)]
+        in_place: bool,
+    },
     /// The whole file did not hash to the sender's value although every block matched the
     /// hashes sent for it: blocks kept from an earlier session came from another file. All of
     /// it was dropped; request it again. Said at the end of `transfer`.
@@ -266,6 +273,7 @@ impl<D: DataStore, R: RecordStore> Sink<D, R> {
             Ok(()) => vec![SinkEvent::Finished {
                 key: key.to_owned(),
                 hash,
+                in_place: false,
             }],
             Err(TransferError::Incomplete { .. }) => vec![SinkEvent::Incomplete {
                 key: key.to_owned(),
@@ -440,8 +448,8 @@ mod tests {
     }
 
     /// Plays the sender for `transfer`: hash then frames of each block in `blocks`, then `End`.
-    fn send(
-        sink: &mut Sink<MemoryData, MemoryRecord>,
+    fn send<D: DataStore, R: RecordStore>(
+        sink: &mut Sink<D, R>,
         src: &[u8],
         transfer: TransferId,
         blocks: impl IntoIterator<Item = u32>,
@@ -524,7 +532,8 @@ mod tests {
             events.last(),
             Some(&SinkEvent::Finished {
                 key: "k".into(),
-                hash: file_hash(&src)
+                hash: file_hash(&src),
+                in_place: false,
             })
         );
         let (data, _) = sink.take("k").unwrap();
@@ -566,6 +575,67 @@ mod tests {
         });
         let events = send(&mut sink, &src, TransferId(2), [1], None);
         assert!(matches!(events.last(), Some(SinkEvent::Finished { .. })));
+    }
+
+    /// A store that can only be written, as a file streamed into a picked folder is until it is
+    /// closed: it counts the bytes written and refuses every read.
+    struct WriteOnly(MemoryData, u64);
+
+    impl Storage for WriteOnly {
+        fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), TransferError> {
+            self.1 += data.len() as u64;
+            self.0.write_at(offset, data)
+        }
+        fn read_at(&mut self, _: u64, _: &mut [u8]) -> Result<(), TransferError> {
+            Err(TransferError::Storage("write-only".into()))
+        }
+    }
+
+    impl DataStore for WriteOnly {
+        fn stored_len(&mut self) -> Result<u64, TransferError> {
+            Ok(0)
+        }
+        fn truncate(&mut self, _: u64) -> Result<(), TransferError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_file_streamed_into_a_folder_is_verified_without_reading_anything_back() {
+        let src = data(5 * BLOCK as usize + 99);
+        let size = src.len() as u64;
+        let mut sink = Sink::new(BLOCK);
+        let store = WriteOnly(MemoryData::new(size).unwrap(), 0);
+        sink.attach("k", "f.bin", size, store, MemoryRecord::default())
+            .unwrap();
+        sink.command(SinkCmd::Begin {
+            key: "k".into(),
+            transfer: TransferId(1),
+        });
+        // A corrupted block is caught from the bytes as they pass, and asked for again.
+        let events = send(&mut sink, &src, TransferId(1), 0..6, Some(3));
+        assert!(events.contains(&SinkEvent::Bad {
+            transfer: TransferId(1),
+            key: "k".into(),
+            range: (3 * BLOCK, 4 * BLOCK)
+        }));
+        sink.command(SinkCmd::Begin {
+            key: "k".into(),
+            transfer: TransferId(2),
+        });
+        let events = send(&mut sink, &src, TransferId(2), [3], None);
+        assert_eq!(
+            events.last(),
+            Some(&SinkEvent::Finished {
+                key: "k".into(),
+                hash: file_hash(&src),
+                in_place: false,
+            })
+        );
+        let (store, _) = sink.take("k").unwrap();
+        // Every byte written once, the bad block twice: no read-back pass, no second copy.
+        assert_eq!(store.1, size + BLOCK);
+        assert_eq!(store.0.storage.into_bytes(), src);
     }
 
     #[test]
