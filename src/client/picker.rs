@@ -45,7 +45,9 @@ pub async fn walk(entries: Vec<FileSystemEntry>) -> Result<Vec<Picked>, ClientEr
     stack.reverse();
     while let Some(entry) = stack.pop() {
         if entry.is_directory() {
-            let dir: FileSystemDirectoryEntry = entry.unchecked_into();
+            let dir: FileSystemDirectoryEntry = entry
+                .dyn_into()
+                .map_err(|_| ClientError::Js("a dropped folder is not a folder entry".into()))?;
             let reader = dir.create_reader();
             let mut children = Vec::new();
             // readEntries returns the listing in batches; an empty batch ends it.
@@ -58,21 +60,26 @@ pub async fn walk(entries: Vec<FileSystemEntry>) -> Result<Vec<Picked>, ClientEr
                     }
                 }))
                 .await?;
-                let batch: js_sys::Array = batch.unchecked_into();
+                let batch: js_sys::Array = batch.dyn_into()?;
                 if batch.length() == 0 {
                     break;
                 }
-                children.extend(batch.iter().map(|e| e.unchecked_into::<FileSystemEntry>()));
+                for child in batch.iter() {
+                    children.push(child.dyn_into::<FileSystemEntry>()?);
+                }
             }
             children.reverse();
             stack.extend(children);
         } else if entry.is_file() {
-            let file_entry: FileSystemFileEntry = entry.clone().unchecked_into();
+            let file_entry: FileSystemFileEntry = entry
+                .clone()
+                .dyn_into()
+                .map_err(|_| ClientError::Js("a dropped file is not a file entry".into()))?;
             let file = JsFuture::from(js_sys::Promise::new(&mut |resolve, reject| {
                 file_entry.file_with_callback_and_callback(&resolve, &reject);
             }))
             .await?;
-            let file: File = file.unchecked_into();
+            let file: File = file.dyn_into()?;
             let full = entry.full_path();
             let relative = full.trim_start_matches('/');
             // A loose file's path is just its name: keep paths only for files inside folders.
