@@ -1,4 +1,6 @@
 //! When and how soon the browser reopens its signaling socket (pure, so it is tested natively).
+//! The same [`Backoff`] paces the receiver's reconnects to a sender and a server node's Redis
+//! pub/sub reconnects (`RedisOptions::reconnect_backoff`): one schedule, one place.
 //!
 //! A node going away closes every socket at once ([`close_code::RECONNECT`]): the jitter spreads
 //! the reconnects, the doubling keeps a down server from being hammered, and the bounds keep a

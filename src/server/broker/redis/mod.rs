@@ -66,6 +66,7 @@ use super::{
     ShareLease, RECLAIM_WINDOW,
 };
 use crate::protocol::{ClaimToken, ErrorCode, PeerId, ServerMsg, ShareId};
+use crate::reconnect::Backoff;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use ::redis::{cmd, Client, Msg, RedisError, Script, Value};
 use dashmap::{mapref::entry::Entry, DashMap};
@@ -138,6 +139,19 @@ impl Default for RedisOptions {
             reconnect_max: Duration::from_secs(1),
             ping_every: Duration::from_secs(2),
             reclaim_window: RECLAIM_WINDOW,
+        }
+    }
+}
+
+impl RedisOptions {
+    /// The pub/sub reconnect schedule: the same jittered doubling the browser uses for its
+    /// signaling socket, from `reconnect_min` to `reconnect_max`.
+    pub fn reconnect_backoff(&self) -> Backoff {
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX).max(1);
+        Backoff {
+            initial_ms: ms(self.reconnect_min),
+            max_ms: ms(self.reconnect_max),
+            max_attempts: u32::MAX,
         }
     }
 }

@@ -10,22 +10,27 @@ pub(super) async fn subscriber(
     mut first: Option<(PubSubSink, PubSubStream)>,
 ) {
     let opts = inner.opts.clone();
-    let mut backoff = opts.reconnect_min;
+    let backoff = opts.reconnect_backoff();
+    let mut attempt = 0;
     loop {
         let (mut sink, mut stream) = match first.take() {
             Some(connected) => connected,
             None => match reconnect(&inner, &client).await {
                 Ok(connected) => connected,
                 Err(e) => {
-                    tracing::debug!(error = %e, ?backoff, "redis pub/sub reconnect failed");
                     inner.sink.send_replace(None);
-                    sleep(jittered(backoff)).await;
-                    backoff = (backoff * 2).min(opts.reconnect_max);
+                    // A node never gives up on Redis: past the cap it keeps trying at it.
+                    let wait = backoff
+                        .delay_ms(attempt, rand::random())
+                        .unwrap_or(backoff.max_ms);
+                    tracing::debug!(error = %e, wait_ms = wait, "redis pub/sub reconnect failed");
+                    sleep(Duration::from_millis(u64::from(wait))).await;
+                    attempt = attempt.saturating_add(1);
                     continue;
                 }
             },
         };
-        backoff = opts.reconnect_min;
+        attempt = 0;
         let mut ping = tokio::time::interval(opts.ping_every);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         ping.reset();
@@ -80,8 +85,4 @@ pub(super) async fn reconnect(
     inner.epoch.send_modify(|e| *e += 1);
     tracing::info!("redis pub/sub connection re-established");
     Ok((sink, stream))
-}
-
-pub(super) fn jittered(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range(0.5..=1.0))
 }
