@@ -2,48 +2,40 @@
 //! before the WebSocket upgrade), and the per-connection token bucket on client messages.
 
 use dashmap::{mapref::entry::Entry, DashMap};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Instant;
 
-/// A token bucket: `burst` messages at once, refilled at `per_sec`. Owned by one socket task, so
-/// it needs no synchronisation. `per_sec == 0` (or `burst == 0`) disables it.
-#[derive(Debug)]
-pub struct TokenBucket {
-    capacity: f64,
-    per_sec: f64,
-    tokens: f64,
-    last: Instant,
+/// A connection's message allowance: `burst` messages at once, refilled at `per_sec` (governor's
+/// GCRA: one atomic word of state). Owned by one socket task. `per_sec == 0` (or `burst == 0`)
+/// disables it. Generic over the clock so tests can move time by hand.
+pub struct TokenBucket<C: Clock = DefaultClock> {
+    limiter: Option<RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>>,
 }
 
 impl TokenBucket {
-    pub fn new(burst: u32, per_sec: u32, now: Instant) -> Self {
-        Self {
-            capacity: f64::from(burst),
-            per_sec: f64::from(per_sec),
-            tokens: f64::from(burst),
-            last: now,
-        }
+    pub fn new(burst: u32, per_sec: u32) -> Self {
+        Self::with_clock(burst, per_sec, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> TokenBucket<C> {
+    pub fn with_clock(burst: u32, per_sec: u32, clock: C) -> Self {
+        let limiter = NonZeroU32::new(burst)
+            .zip(NonZeroU32::new(per_sec))
+            .map(|(burst, rate)| {
+                RateLimiter::direct_with_clock(Quota::per_second(rate).allow_burst(burst), clock)
+            });
+        Self { limiter }
     }
 
-    fn enabled(&self) -> bool {
-        self.capacity > 0.0 && self.per_sec > 0.0
-    }
-
-    /// Takes one token if there is one.
-    pub fn try_take(&mut self, now: Instant) -> bool {
-        if !self.enabled() {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now.max(self.last);
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Takes one message's allowance if there is one.
+    pub fn try_take(&self) -> bool {
+        self.limiter.as_ref().is_none_or(|l| l.check().is_ok())
     }
 }
 
@@ -213,9 +205,9 @@ const RATE_SWEEP_AT: usize = 4096;
 impl PerIpRate {
     /// `None` for 0 (unlimited).
     pub fn per_minute(n: u32) -> Option<Arc<Self>> {
-        let n = std::num::NonZeroU32::new(n)?;
+        let n = NonZeroU32::new(n)?;
         Some(Arc::new(Self {
-            limiter: governor::RateLimiter::keyed(governor::Quota::per_minute(n)),
+            limiter: RateLimiter::keyed(Quota::per_minute(n)),
         }))
     }
 
@@ -231,33 +223,31 @@ impl PerIpRate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
     use std::time::Duration;
 
     #[test]
     fn bucket_allows_a_burst_then_the_sustained_rate() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(5, 2, t0);
-        assert!((0..5).all(|_| b.try_take(t0)));
-        assert!(!b.try_take(t0));
-        // Half a second refills one token at 2/s.
-        let t1 = t0 + Duration::from_millis(500);
-        assert!(b.try_take(t1));
-        assert!(!b.try_take(t1));
+        let clock = FakeRelativeClock::default();
+        let b = TokenBucket::with_clock(5, 2, clock.clone());
+        assert!((0..5).all(|_| b.try_take()));
+        assert!(!b.try_take());
+        // Half a second refills one message at 2/s.
+        clock.advance(Duration::from_millis(500));
+        assert!(b.try_take());
+        assert!(!b.try_take());
         // A long pause refills to the burst, never beyond.
-        let t2 = t1 + Duration::from_secs(60);
-        assert!((0..5).all(|_| b.try_take(t2)));
-        assert!(!b.try_take(t2));
-        // A clock that seems to go backwards adds nothing.
-        assert!(!b.try_take(t0));
+        clock.advance(Duration::from_secs(60));
+        assert!((0..5).all(|_| b.try_take()));
+        assert!(!b.try_take());
     }
 
     #[test]
     fn a_zero_rate_or_burst_disables_the_bucket() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(50, 0, t0);
-        assert!((0..1000).all(|_| b.try_take(t0)));
-        let mut b = TokenBucket::new(0, 20, t0);
-        assert!((0..1000).all(|_| b.try_take(t0)));
+        let b = TokenBucket::new(50, 0);
+        assert!((0..1000).all(|_| b.try_take()));
+        let b = TokenBucket::new(0, 20);
+        assert!((0..1000).all(|_| b.try_take()));
     }
 
     #[test]

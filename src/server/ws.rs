@@ -365,11 +365,7 @@ fn run(mut socket: WebSocket, conn: Conn, peer: PeerId) -> impl Future<Output = 
         tokio::pin!(ping);
         let mut ice_refresh_at = turn.as_ref().map(|i| Instant::now() + i.refresh_every());
         let mut pacing = Pacing {
-            bucket: TokenBucket::new(
-                limits.rate_limit_burst,
-                limits.rate_limit_per_sec,
-                std::time::Instant::now(),
-            ),
+            bucket: TokenBucket::new(limits.rate_limit_burst, limits.rate_limit_per_sec),
             rate_limited: 0,
             last_heard: Instant::now(),
         };
@@ -488,7 +484,7 @@ fn on_frame(
         }
     };
     metrics.message_received();
-    if pacing.bucket.try_take(std::time::Instant::now()) {
+    if pacing.bucket.try_take() {
         // Only a client that keeps pushing past the limit is closed.
         pacing.rate_limited = 0;
         return Ok(Some(text));
