@@ -1,6 +1,6 @@
-//! Several server nodes sharing one Redis (`broker = "redis://…"`): every test starts its own
-//! `redis-server` on a free port (Debian package `redis-server`, see `scripts/setup.sh`), real
-//! servers on port 0, and talks to them with real WebSocket clients.
+//! Several server nodes sharing one Redis (`broker = "redis+unix://…"`): every test starts its
+//! own `redis-server` on a socket of its own (`TestRedis`, Debian package `redis-server`, see
+//! `scripts/setup.sh`), real servers on port 0, and talks to them with real WebSocket clients.
 //!
 //! Run with `cargo test --features ssr --test multinode`.
 
@@ -23,7 +23,7 @@ const PRESENCE_TTL: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 
 async fn node(redis: &TestRedis) -> RunningServer {
-    server_with(redis.config()).await
+    server_with(redis_config(redis)).await
 }
 
 /// A node on its own tokio runtime, so that it can die the way a crashed process does: every
@@ -35,7 +35,7 @@ struct DoomedNode {
 
 impl DoomedNode {
     async fn start(redis: &TestRedis) -> Self {
-        let config = redis.config();
+        let config = redis_config(redis);
         tokio::task::spawn_blocking(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -78,22 +78,6 @@ impl Drop for DoomedNode {
 // ---------------------------------------------------------------------------------------------
 // Other helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Polls `check` every 50 ms until it holds; panics with `what` after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if check().await {
-            return started.elapsed();
-        }
-        sleep(Duration::from_millis(50)).await;
-    }
-    panic!("not within {within:?}: {what}");
-}
 
 /// Reads until the server closes the socket; the close code.
 async fn close_code_of(ws: &mut Ws) -> Option<u16> {
@@ -437,7 +421,7 @@ async fn a_join_whose_introduction_was_dropped_on_a_full_inbox_is_repaired_by_jo
     // B waiting for ever.
     const KIB: usize = 1024;
     let redis = TestRedis::start();
-    let mut config = redis.config();
+    let mut config = redis_config(&redis);
     config.limits.inbox_capacity = 4;
     config.limits.rate_limit_per_sec = 0;
     config.limits.slow_reader_grace_secs = 60;

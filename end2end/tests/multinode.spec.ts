@@ -29,15 +29,20 @@ function exited(child: ChildProcess): Promise<number | null> {
 
 test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0, transfers go on, the link keeps working', async () => {
   const children: ChildProcess[] = [];
-  const [redisPort, port1, port2] = [await freePort(), await freePort(), await freePort()];
-  const redis = spawn('redis-server', ['--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
-    stdio: 'ignore',
-  });
+  const [port1, port2] = [await freePort(), await freePort()];
+  // Redis on a Unix socket of its own: no port to race for.
+  const redisDir = tempDir();
+  const redisSocket = path.join(redisDir, 'redis.sock');
+  const redis = spawn(
+    'redis-server',
+    ['--port', '0', '--unixsocket', redisSocket, '--unixsocketperm', '700', '--dir', redisDir, '--save', '', '--appendonly', 'no'],
+    { stdio: 'ignore' },
+  );
   children.push(redis);
   const node = (port: number) => {
     const child = spawn(
       path.join(ROOT, 'target', 'release', 'beamdrop'),
-      ['--listen', `127.0.0.1:${port}`, '--broker', `redis://127.0.0.1:${redisPort}`],
+      ['--listen', `127.0.0.1:${port}`, '--broker', `redis+unix://${redisSocket}`],
       { cwd: ROOT, stdio: 'ignore', env: { ...process.env, LEPTOS_SITE_ROOT: 'target/site', RUST_LOG: 'warn' } },
     );
     children.push(child);
@@ -47,7 +52,7 @@ test('sender on node 1, receiver on node 2, over Redis; SIGTERM exits 0, transfe
   let door: FrontDoor | undefined;
   try {
     await until('redis', async () => {
-      const sock = net.connect(redisPort, '127.0.0.1');
+      const sock = net.connect(redisSocket);
       return new Promise<boolean>((resolve) => {
         sock.once('connect', () => (sock.destroy(), resolve(true)));
         sock.once('error', () => resolve(false));

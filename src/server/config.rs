@@ -14,7 +14,8 @@ pub struct Config {
     /// Address the HTTP server listens on.
     pub listen: SocketAddr,
     /// Broker backend by URI scheme: `memory://` (in-process, the default) or
-    /// `redis://host:port[/db]` (several nodes sharing one Redis).
+    /// `redis://host:port[/db]` / `redis+unix:///path/to/socket` (several nodes sharing one
+    /// Redis).
     pub broker: String,
     /// ICE servers handed to browsers; none means host candidates only.
     pub ice_servers: Vec<IceServer>,
@@ -269,7 +270,7 @@ pub struct Cli {
     /// Listen address, e.g. 127.0.0.1:3000 (port 0 picks a free port).
     #[arg(long, env = "BEAMDROP_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Broker URI: memory:// or redis://host:port
+    /// Broker URI: memory://, redis://host:port or redis+unix:///path
     #[arg(long, env = "BEAMDROP_BROKER")]
     pub broker: Option<String>,
     /// ICE server URL (repeatable; comma-separated in the env var). Replaces the file's list.

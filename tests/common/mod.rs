@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests (`tests/broker.rs`, `tests/hostile.rs`,
 //! `tests/multinode.rs`): servers on an ephemeral port, WebSocket clients that speak the
-//! protocol with timeouts, raw-TCP WebSocket clients, and a private `redis-server`.
+//! protocol with timeouts, raw-TCP WebSocket clients, and (from the broker's `test_support`,
+//! shared with its unit tests) a private `redis-server` and `eventually`.
 //!
 //! Each test file is its own crate and uses only part of this module.
 #![allow(dead_code)]
@@ -10,9 +11,7 @@ use beamdrop::server::config::Config;
 use beamdrop::server::{start, RunningServer};
 use futures::{SinkExt, StreamExt};
 use leptos::prelude::LeptosOptions;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -381,90 +380,16 @@ pub fn take_frames(buf: &mut Vec<u8>) -> Vec<(u8, Vec<u8>)> {
 // redis-server
 // ---------------------------------------------------------------------------------------------
 
-/// A private `redis-server` without persistence on a free port, killed on drop.
-pub struct TestRedis {
-    port: u16,
-    child: Option<Child>,
-}
+#[path = "../../src/server/broker/redis/test_support.rs"]
+mod test_support;
+// Each test crate uses a part of it.
+#[allow(unused_imports)]
+pub use test_support::{eventually, TestRedis};
 
-impl TestRedis {
-    pub fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.spawn();
-        redis
+/// [`config`] with `redis` as the broker.
+pub fn redis_config(redis: &TestRedis) -> Config {
+    Config {
+        broker: redis.uri(),
+        ..config()
     }
-
-    pub fn uri(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// [`config`] with this server as the broker.
-    pub fn config(&self) -> Config {
-        Config {
-            broker: self.uri(),
-            ..config()
-        }
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/setup.sh: need_redis)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + STEP;
-        while std::time::Instant::now() < deadline {
-            if redis_answers(self.port) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {} did not come up", self.port);
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills the server and starts a new, empty one on the same port.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    pub async fn exists(&self, key: &str) -> bool {
-        let client = redis::Client::open(self.uri()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        redis::cmd("EXISTS")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn redis_answers(port: u16) -> bool {
-    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 7];
-    tcp.write_all(b"PING\r\n").is_ok() && tcp.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
 }

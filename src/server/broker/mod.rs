@@ -165,12 +165,13 @@ pub trait Broker: Send + Sync + 'static {
 
 pub type DynBroker = Arc<dyn Broker>;
 
-/// The backend named by `uri`: `memory://`, or `redis://host:port[/db]` (connects before it
-/// returns, so an unreachable Redis fails startup).
+/// The backend named by `uri`: `memory://`, or `redis://host:port[/db]` or
+/// `redis+unix:///path/to/socket` (connects before it returns, so an unreachable Redis fails
+/// startup).
 pub async fn from_uri(uri: &str, limits: BrokerLimits) -> Result<DynBroker, BrokerError> {
     match uri.split_once("://") {
         Some(("memory", "")) => Ok(Arc::new(MemoryBroker::new(limits))),
-        Some(("redis", rest)) if !rest.is_empty() => {
+        Some(("redis" | "redis+unix", rest)) if !rest.is_empty() => {
             let options = RedisOptions {
                 inbox: limits.inbox,
                 ..Default::default()
@@ -191,6 +192,7 @@ mod tests {
         for uri in [
             "carrier-pigeon://x",
             "redis://",
+            "redis+unix://",
             "memory://x",
             "rediss://h:1",
         ] {

@@ -1,4 +1,5 @@
-//! Multi-node broker over Redis (`broker = "redis://host:port[/db]"`): any number of server nodes
+//! Multi-node broker over Redis (`broker = "redis://host:port[/db]"`, or
+//! `"redis+unix:///path/to/redis.sock"`): any number of server nodes
 //! share one Redis, and a receiver on node B reaches a sender on node A.
 //!
 //! Here: the broker, its guards and its operations; `subscriber.rs`, the node's pub/sub
@@ -716,5 +717,7 @@ impl Broker for RedisBroker {
     }
 }
 
+#[cfg(test)]
+mod test_support;
 #[cfg(test)]
 mod tests;

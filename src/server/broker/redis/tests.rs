@@ -1,87 +1,8 @@
-//! Each test starts its own `redis-server` on a free port (Debian package `redis-server`).
+//! Each test starts its own `redis-server` (see `test_support`).
 
+use super::test_support::{eventually, TestRedis};
 use super::*;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use tokio::time::Instant;
-
-/// A private `redis-server` without persistence, killed on drop.
-struct TestRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl TestRedis {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut redis = Self { port, child: None };
-        redis.spawn();
-        redis
-    }
-
-    fn uri(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs (scripts/setup.sh: need_redis)");
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while std::time::Instant::now() < deadline {
-            if ping(self.port) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server on port {} did not come up", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    async fn conn(&self) -> ::redis::aio::MultiplexedConnection {
-        Client::open(self.uri())
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for TestRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn ping(port: u16) -> bool {
-    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = tcp.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = [0u8; 7];
-    tcp.write_all(b"PING\r\n").is_ok() && tcp.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-}
 
 fn fast() -> RedisOptions {
     RedisOptions {
@@ -94,22 +15,6 @@ fn fast() -> RedisOptions {
 
 async fn node(redis: &TestRedis, opts: RedisOptions) -> RedisBroker {
     RedisBroker::connect(&redis.uri(), opts).await.unwrap()
-}
-
-/// Polls `check` every 20 ms until it holds; panics with `what` after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < within {
-        if check().await {
-            return started.elapsed();
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not within {within:?}: {what}");
 }
 
 async fn subscribers(redis: &TestRedis, peer: PeerId) -> i64 {
@@ -508,13 +413,11 @@ async fn a_node_resubscribes_and_restores_its_keys_after_redis_restarts() {
 
 #[tokio::test]
 async fn an_unreachable_redis_fails_at_connect() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A socket path nothing listens on (no port that another test could take meanwhile).
+    let nowhere = std::env::temp_dir().join(format!("beamdrop-no-redis-{}", std::process::id()));
     let started = Instant::now();
-    let result = RedisBroker::connect(&format!("redis://127.0.0.1:{port}"), fast()).await;
+    let uri = format!("redis+unix://{}/redis.sock", nowhere.display());
+    let result = RedisBroker::connect(&uri, fast()).await;
     assert!(matches!(result.err(), Some(BrokerError::Backend(_))));
     assert!(started.elapsed() <= Duration::from_secs(3));
 }
