@@ -169,6 +169,8 @@ test('a sender that reloads keeps its link; the receiver resumes once the file i
   const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
   try {
     const sender = await openPage(senderBrowser, '/');
+    const consoles: string[] = [];
+    sender.on('console', (m) => consoles.push(`sender ${m.type()}: ${m.text()}`));
     await hydrated(sender);
     await sender.getByTestId('file-input').setInputFiles([file]);
     const link = await shareLink(sender);
@@ -176,6 +178,7 @@ test('a sender that reloads keeps its link; the receiver resumes once the file i
     const context = await receiverBrowser.newContext({ acceptDownloads: true });
     await recordStatuses(context);
     const receiver = await context.newPage();
+    receiver.on('console', (m) => consoles.push(`receiver ${m.type()}: ${m.text()}`));
     await receiver.goto(link);
     await expect(receiver.getByTestId('status')).toContainText('Connected');
     const item = receiver.getByTestId('file-item').filter({ hasText: 'sender-reload.bin' });
@@ -194,7 +197,13 @@ test('a sender that reloads keeps its link; the receiver resumes once the file i
     await sender.getByTestId('file-input').setInputFiles([file]);
     await expect(sender.getByTestId('missing-files')).toHaveCount(0);
 
-    const saved = await (await download).path();
+    const saved = await download.then((d) => d.path()).catch(async (e) => {
+      // What each side said, to tell a stall from a slow machine.
+      console.log(`receiver statuses: ${(await seen(receiver)).join(' → ')}`);
+      console.log(`receiver now: ${await item.getByTestId('file-status').textContent()}; sender: ${await sender.locator('.receiver').allTextContents()}`);
+      console.log(consoles.join('\n'));
+      throw e;
+    });
     expect(sha256(saved)).toBe(sha256(file));
     await expect(item.getByTestId('file-status')).toHaveText('verified');
     const statuses = await seen(receiver);

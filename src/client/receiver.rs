@@ -799,9 +799,11 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             verified,
             missing,
         } => {
-            let connected = s.channel.is_some();
             let d = s.downloads.get_mut(&key)?;
-            // Opened while the connection was down: the reconnect opens it again.
+            // Opened while the connection was down, or while the sender does not offer the
+            // file (its page reloaded and the file is not back yet): the reconnect, or the
+            // file's return, opens it again and asks for what it misses.
+            let connected = s.channel.is_some() && d.offered;
             d.open = if connected {
                 OpenState::Open
             } else {
@@ -1514,7 +1516,11 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
     let mut offered = HashSet::new();
     for meta in files {
         let key = resume_key(&share, &meta);
-        let row = match old.get(&key) {
+        // A file that comes back keeps its row (and its status) from its download.
+        let previous = old
+            .get(&key)
+            .or_else(|| s.downloads.get(&key).map(|d| &d.row));
+        let row = match previous {
             Some(row) if row.meta.id == meta.id => row.clone(),
             Some(row) => FileRow {
                 meta: meta.clone(),
@@ -1534,6 +1540,10 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
         let now_offered = offered.contains(key);
         if now_offered && !d.offered {
             returned.push(key.clone());
+        }
+        if !now_offered && d.open == OpenState::Open {
+            // Nothing more can be asked for it: asked again when it returns.
+            d.open = OpenState::Closed;
         }
         d.offered = now_offered;
     }
