@@ -401,12 +401,7 @@ impl ReceiverSession {
     /// Starts (or resumes) downloading one file of the list.
     pub fn request(&self, file: crate::transfer::FileId) {
         let Some(state) = &self.state else { return };
-        let row = state
-            .borrow()
-            .ui
-            .files
-            .with_untracked(|rows| rows.iter().find(|r| r.id() == file).cloned());
-        if let Some(row) = row {
+        if let Some(row) = listed(state, file) {
             start_download(state, row, None);
         }
     }
@@ -415,26 +410,15 @@ impl ReceiverSession {
     /// then the file is written straight into the file chosen there.
     pub fn save_as(&self, file: crate::transfer::FileId) {
         let Some(state) = &self.state else { return };
-        let row = state
-            .borrow()
-            .ui
-            .files
-            .with_untracked(|rows| rows.iter().find(|r| r.id() == file).cloned());
-        let Some(row) = row else { return };
-        let Some(picked) = pick_file(&safe_name(&row.meta.name)) else {
-            return start_download(state, row, None);
+        let Some(row) = listed(state, file) else {
+            return;
         };
-        let weak = Rc::downgrade(state);
-        spawn_local(async move {
-            // Cancelled: nothing to do.
-            let Ok(handle) = JsFuture::from(picked).await else {
-                return;
-            };
-            let (Some(state), Ok(handle)) = (weak.upgrade(), handle.dyn_into()) else {
-                return;
-            };
-            start_download(&state, row, Some(Place::File(handle)));
-        });
+        match pick_file(&safe_name(&row.meta.name)) {
+            Some(picked) => when_picked(state, picked, move |state, handle| {
+                start_download(state, row, Some(Place::File(handle)));
+            }),
+            None => start_download(state, row, None),
+        }
     }
 
     /// "Download all": every file not downloaded yet. A share with folders goes into a folder
@@ -463,19 +447,9 @@ impl ReceiverSession {
             return;
         }
         match pick_directory() {
-            Some(picked) => {
-                let weak = Rc::downgrade(state);
-                spawn_local(async move {
-                    // Cancelled: nothing to do.
-                    let Ok(dir) = JsFuture::from(picked).await else {
-                        return;
-                    };
-                    let (Some(state), Ok(dir)) = (weak.upgrade(), dir.dyn_into()) else {
-                        return;
-                    };
-                    start_batch(&state, Target::Folder(dir), rows);
-                });
-            }
+            Some(picked) => when_picked(state, picked, move |state, dir| {
+                start_batch(state, Target::Folder(dir), rows);
+            }),
             None => start_batch(state, Target::Zip(zip_name(&rows)), rows),
         }
     }
@@ -518,6 +492,34 @@ impl ReceiverSession {
         s.rejoins_left = REJOIN_TRIES;
         pause(&mut s, state);
     }
+}
+
+/// The row of file `file` in the list, if it is listed.
+fn listed(state: &Rc<RefCell<State>>, file: crate::transfer::FileId) -> Option<FileRow> {
+    state
+        .borrow()
+        .ui
+        .files
+        .with_untracked(|rows| rows.iter().find(|r| r.id() == file).cloned())
+}
+
+/// Waits for a picker's answer (`picked`) and hands the chosen handle to `then`, unless the
+/// person cancelled or the page has moved on.
+fn when_picked<H: JsCast + 'static>(
+    state: &Rc<RefCell<State>>,
+    picked: js_sys::Promise,
+    then: impl FnOnce(&Rc<RefCell<State>>, H) + 'static,
+) {
+    let weak = Rc::downgrade(state);
+    spawn_local(async move {
+        let Ok(handle) = JsFuture::from(picked).await else {
+            return;
+        };
+        let (Some(state), Ok(handle)) = (weak.upgrade(), handle.dyn_into::<H>()) else {
+            return;
+        };
+        then(&state, handle);
+    });
 }
 
 /// The ZIP's name: the share's one top folder, if it has one.
