@@ -63,13 +63,12 @@ pub fn can_pick_file() -> bool {
         .is_some_and(|f| f.is_function())
 }
 
-/// Writes `blob` to `parts` (safe path components, the last one the file name) under `dir`,
-/// creating the folders on the way. The browser streams the blob to disk.
-pub async fn save_to_folder(
+/// The folder that holds `parts` (safe path components, the last one the file name) under
+/// `dir`, created on the way where missing, and the file's name.
+pub async fn parent_of(
     dir: &FileSystemDirectoryHandle,
     parts: &[String],
-    blob: &Blob,
-) -> Result<(), ClientError> {
+) -> Result<(FileSystemDirectoryHandle, String), ClientError> {
     let Some((name, folders)) = parts.split_last() else {
         return Err(ClientError::Js("no file name".into()));
     };
@@ -81,10 +80,21 @@ pub async fn save_to_folder(
             .await?
             .dyn_into()?;
     }
+    Ok((here, name.clone()))
+}
+
+/// Writes `blob` to `parts` (safe path components, the last one the file name) under `dir`,
+/// creating the folders on the way. The browser streams the blob to disk.
+pub async fn save_to_folder(
+    dir: &FileSystemDirectoryHandle,
+    parts: &[String],
+    blob: &Blob,
+) -> Result<(), ClientError> {
+    let (here, name) = parent_of(dir, parts).await?;
     let file_options = FileSystemGetFileOptions::new();
     file_options.set_create(true);
     let handle: FileSystemFileHandle =
-        JsFuture::from(here.get_file_handle_with_options(name, &file_options))
+        JsFuture::from(here.get_file_handle_with_options(&name, &file_options))
             .await?
             .dyn_into()?;
     save_to_file(&handle, blob).await

@@ -16,6 +16,7 @@
 //! the next frame once too many bytes are in flight. A write that fails errors the stream, so
 //! the file can no longer be closed into place: the next write, or the close, reports it.
 
+use super::save::parent_of;
 use super::{js_message, ClientError};
 use crate::transfer::incoming::Storage;
 use crate::transfer::sink::DataStore;
@@ -26,8 +27,8 @@ use std::rc::Rc;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::{spawn_local, JsFuture};
 use web_sys::{
-    FileSystemDirectoryHandle, FileSystemFileHandle, FileSystemGetDirectoryOptions,
-    FileSystemGetFileOptions, FileSystemWritableFileStream, WriteCommandType, WriteParams,
+    FileSystemDirectoryHandle, FileSystemFileHandle, FileSystemGetFileOptions,
+    FileSystemWritableFileStream, WriteCommandType, WriteParams,
 };
 
 /// How many bytes may be queued on the streams before the worker waits for the disk.
@@ -133,26 +134,15 @@ impl DirectData {
         let (handle, created) = match place {
             Place::File(handle) => (handle.clone(), None),
             Place::InFolder(dir, parts) => {
-                let Some((name, folders)) = parts.split_last() else {
-                    return Err(ClientError::Js("no file name".into()));
-                };
-                let create = FileSystemGetDirectoryOptions::new();
-                create.set_create(true);
-                let mut folder = dir.clone();
-                for part in folders {
-                    folder =
-                        JsFuture::from(folder.get_directory_handle_with_options(part, &create))
-                            .await?
-                            .dyn_into()?;
-                }
-                let existed = JsFuture::from(folder.get_file_handle(name)).await.is_ok();
+                let (folder, name) = parent_of(dir, parts).await?;
+                let existed = JsFuture::from(folder.get_file_handle(&name)).await.is_ok();
                 let options = FileSystemGetFileOptions::new();
                 options.set_create(true);
                 let handle: FileSystemFileHandle =
-                    JsFuture::from(folder.get_file_handle_with_options(name, &options))
+                    JsFuture::from(folder.get_file_handle_with_options(&name, &options))
                         .await?
                         .dyn_into()?;
-                (handle, (!existed).then(|| (folder, name.clone())))
+                (handle, (!existed).then_some((folder, name)))
             }
         };
         let stream: FileSystemWritableFileStream =
