@@ -155,6 +155,10 @@ struct State {
     sender: Option<PeerId>,
     link: Option<Rc<RtcLink>>,
     channel: Option<Channel>,
+    /// The sender's list has arrived on the current channel. Until it has, nothing is asked
+    /// for: a reloaded sender gives its files new ids, and a request under an old one would be
+    /// refused as "no longer shared".
+    listed: bool,
     sink: SinkState,
     /// The peer id the sender knows this page by, while the signaling socket came back under
     /// another one with the connection still alive: told to the sender (`moved`) once joined.
@@ -257,8 +261,16 @@ impl State {
         }
     }
 
+    /// Connected, and the sender's current list is known: requests name its current ids.
+    fn can_ask(&self) -> bool {
+        self.channel.is_some() && self.listed
+    }
+
     /// Asks the sender for `ranges` of download `key` under a new transfer id.
     fn send_request(&mut self, key: &str, ranges: Vec<ByteRange>) {
+        if !self.listed {
+            return;
+        }
         let (Some(channel), Some(sink)) = (self.channel.as_ref(), self.sink()) else {
             return;
         };
@@ -391,6 +403,7 @@ impl ReceiverSession {
             reconnect_attempt: 0,
             pause_generation: 0,
             resume_checked: false,
+            listed: false,
             sender_left: false,
             batch: None,
         }));
@@ -801,11 +814,13 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             verified,
             missing,
         } => {
+            let can_ask = s.can_ask();
             let d = s.downloads.get_mut(&key)?;
-            // Opened while the connection was down, or while the sender does not offer the
-            // file (its page reloaded and the file is not back yet): the reconnect, or the
-            // file's return, opens it again and asks for what it misses.
-            let connected = s.channel.is_some() && d.offered;
+            // Opened while the connection was down, before the sender's list arrived on it, or
+            // while the sender does not offer the file (its page reloaded and the file is not
+            // back yet): the reconnect, the list, or the file's return opens it again and asks
+            // for what it misses.
+            let connected = can_ask && d.offered;
             d.open = if connected {
                 OpenState::Open
             } else {
@@ -1324,7 +1339,11 @@ async fn watch_link(
                     flow.high_water,
                     Some(Box::new(on_binary)),
                 );
-                state.borrow_mut().channel = Some(channel);
+                {
+                    let mut s = state.borrow_mut();
+                    s.channel = Some(channel);
+                    s.listed = false;
+                }
                 spawn_local(run_channel(Rc::downgrade(&state), events));
                 spawn_local(watch_stall(Rc::downgrade(&state), Rc::downgrade(&link)));
             }
@@ -1428,11 +1447,11 @@ async fn run_channel(state: Weak<RefCell<State>>, mut events: UnboundedReceiver<
         let Some(state) = state.upgrade() else { return };
         let mut s = state.borrow_mut();
         match event {
+            // Downloads open once the sender's list arrives (its first message).
             ChannelEvent::Open => {
                 s.ui.phase.set(Phase::Connected);
                 s.ui.error.set(None);
                 s.reconnect_attempt = 0;
-                s.open_downloads();
             }
             ChannelEvent::Text(text) => match serde_json::from_str::<PeerMsg>(&text) {
                 Ok(msg) => on_peer_msg(&mut s, &state, msg),
@@ -1496,6 +1515,15 @@ fn on_peer_msg(s: &mut State, state: &Rc<RefCell<State>>, msg: PeerMsg) {
                 sink.command(SinkCmd::Forget { transfer });
                 sink.command(SinkCmd::Close { key: key.clone() });
             }
+            if let Some(d) = s.downloads.get_mut(&key) {
+                if !d.offered {
+                    // Asked for just before the sender took the file off its list: it waits
+                    // (what it stored stays) and resumes if the file comes back.
+                    d.outstanding.remove(&transfer);
+                    d.open = OpenState::Closed;
+                    return;
+                }
+            }
             if let Some(d) = s.finish_download(&key) {
                 d.row.status.set(FileStatus::Failed(message));
             }
@@ -1550,8 +1578,11 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
         d.offered = now_offered;
     }
     s.ui.files.set(rows);
-    if !returned.is_empty() {
-        // Files that came back (the sender re-added them): pick up where they stopped.
+    let first = !s.listed;
+    s.listed = true;
+    if first || !returned.is_empty() {
+        // The connection's first list, or files that came back (the sender re-added them):
+        // pick up where they stopped.
         s.open_downloads();
     }
     if !s.resume_checked {
