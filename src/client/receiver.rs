@@ -26,11 +26,12 @@ use super::{now_ms, window, ClientError};
 use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload};
 use crate::reconnect::Backoff;
 use crate::seal::{SealError, ShareKey};
+use crate::transfer::downloads::{Downloads, Refusal, Step};
 use crate::transfer::paths::{safe_name, safe_path};
 use crate::transfer::progress::Meter;
 use crate::transfer::record::resume_key;
 use crate::transfer::sink::{SinkCmd, SinkEvent};
-use crate::transfer::{ByteRange, FileMeta, FlowControl, PeerMsg, TransferId};
+use crate::transfer::{FileMeta, FlowControl, PeerMsg};
 use crate::view::{FileRow, FileStatus, PauseWhy, Phase, ReceiverUi};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
@@ -89,25 +90,16 @@ const DATA_STALL_MS: f64 = 6_000.0;
 /// sender to hear where we are (`moved`).
 const RESTART_PATIENCE_MS: f64 = 12_000.0;
 
-/// One file this page is fetching (or has paused).
-struct Download {
+/// The page's part of a download (the decisions about it are in [`Downloads`]).
+struct View {
     row: FileRow,
-    /// The file as the sender's list last described it (its id may change when the sender's
-    /// page reloads).
-    meta: FileMeta,
-    /// Still present in the sender's list.
-    offered: bool,
     /// Where the person chose to put it, if they did: it is written straight there.
     place: Option<Place>,
-    /// Where the sink stands with the file.
-    open: OpenState,
-    missing: Vec<ByteRange>,
-    verified: u64,
-    /// Requests sent and not ended.
-    outstanding: HashSet<TransferId>,
     meter: Meter,
     last_progress: f64,
 }
+
+type Download = crate::transfer::downloads::Download<View>;
 
 /// Where "Download all" puts a share that has folders.
 enum Target {
@@ -125,20 +117,6 @@ struct Batch {
     done: Vec<(String, FileRow)>,
 }
 
-/// A download's file in the sink. Only a few are open at a time: a share of a thousand files
-/// should not hold two thousand file handles while the sender serves one file after another.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum OpenState {
-    Closed,
-    /// `open` sent, its answer not back yet.
-    Opening,
-    /// Open, and asked for what it misses on the current connection.
-    Open,
-}
-
-/// Downloads whose files are open in the sink at once.
-const MAX_OPEN: usize = 4;
-
 enum SinkState {
     None,
     Starting,
@@ -155,10 +133,6 @@ struct State {
     sender: Option<PeerId>,
     link: Option<Rc<RtcLink>>,
     channel: Option<Channel>,
-    /// The sender's list has arrived on the current channel. Until it has, nothing is asked
-    /// for: a reloaded sender gives its files new ids, and a request under an old one would be
-    /// refused as "no longer shared".
-    listed: bool,
     sink: SinkState,
     /// The peer id the sender knows this page by, while the signaling socket came back under
     /// another one with the connection still alive: told to the sender (`moved`) once joined.
@@ -167,11 +141,8 @@ struct State {
     frames_to: Rc<RefCell<Option<Rc<SinkHandle>>>>,
     /// When the last frame arrived, or a request was sent with none outstanding (ms, `now_ms`).
     last_frame_at: Rc<Cell<f64>>,
-    /// By resume key.
-    downloads: HashMap<String, Download>,
-    /// Requests in flight → the download's key.
-    transfers: HashMap<TransferId, String>,
-    next_transfer: u32,
+    /// By resume key, with what each needs next.
+    downloads: Downloads<View>,
     /// Whether the share was joined once (so a later "no such share" may be a sender on its way
     /// back), and how many more joins such a refusal is worth.
     joined_before: bool,
@@ -247,107 +218,76 @@ impl State {
         }
     }
 
-    /// Every request in flight is dead (its connection is gone): the sink drops their frames.
-    fn forget_transfers(&mut self) {
-        let sink = self.sink();
-        for (transfer, _) in self.transfers.drain() {
-            if let Some(sink) = &sink {
-                sink.command(SinkCmd::Forget { transfer });
-            }
-        }
-        for d in self.downloads.values_mut() {
-            d.outstanding.clear();
-            d.open = OpenState::Closed;
-        }
+    /// The channel to the sender is gone (or replaced): requests in flight are dead, and the
+    /// sink drops their frames.
+    fn drop_channel(&mut self) {
+        self.channel = None;
+        let steps = self.downloads.disconnected();
+        self.run(steps);
     }
 
-    /// Connected, and the sender's current list is known: requests name its current ids.
-    fn can_ask(&self) -> bool {
-        self.channel.is_some() && self.listed
-    }
-
-    /// Asks the sender for `ranges` of download `key` under a new transfer id.
-    fn send_request(&mut self, key: &str, ranges: Vec<ByteRange>) {
-        if !self.listed {
-            return;
-        }
-        let (Some(channel), Some(sink)) = (self.channel.as_ref(), self.sink()) else {
-            return;
-        };
-        let Some(d) = self.downloads.get_mut(key) else {
-            return;
-        };
-        if !d.offered {
-            return;
-        }
-        let transfer = TransferId(self.next_transfer);
-        self.next_transfer = self.next_transfer.wrapping_add(1);
-        sink.command(SinkCmd::Begin {
-            key: key.to_owned(),
-            transfer,
-        });
-        let request = PeerMsg::Request {
-            transfer,
-            file: d.meta.id,
-            ranges,
-        };
-        match send_msg(&channel.dc, &request) {
-            Ok(()) => {
-                if self.transfers.is_empty() {
-                    // Nothing was due until now: the stall clock starts with this request.
-                    self.last_frame_at.set(now_ms());
-                }
-                d.outstanding.insert(transfer);
-                self.transfers.insert(transfer, key.to_owned());
-            }
-            Err(e) => leptos::logging::warn!("request not sent: {e}"),
-        }
-    }
-
-    /// Opens (or re-opens, after a break) every download in the sink; each asks for what it
-    /// misses once the sink answers.
-    fn open_downloads(&mut self) {
+    /// Carries out what the downloads need next.
+    fn run(&mut self, steps: Vec<Step>) {
         let Some(sink) = self.sink() else { return };
-        let share = self.share.to_string();
-        let mut busy = self
-            .downloads
-            .values()
-            .filter(|d| d.open != OpenState::Closed)
-            .count();
-        for (key, d) in &mut self.downloads {
-            if busy >= MAX_OPEN {
-                break;
-            }
-            if d.offered && d.open == OpenState::Closed {
-                let open = SinkCmd::Open {
-                    share: share.clone(),
-                    key: key.clone(),
-                    name: d.meta.name.clone(),
-                    size: d.meta.size,
-                };
-                match &d.place {
-                    Some(place) => sink.open_in(open, place),
-                    None => sink.command(open),
+        for step in steps {
+            match step {
+                Step::Open { key } => {
+                    let Some(d) = self.downloads.get(&key) else {
+                        continue;
+                    };
+                    let open = SinkCmd::Open {
+                        share: self.share.to_string(),
+                        key,
+                        name: d.meta.name.clone(),
+                        size: d.meta.size,
+                    };
+                    match &d.view.place {
+                        Some(place) => sink.open_in(open, place),
+                        None => sink.command(open),
+                    }
                 }
-                d.open = OpenState::Opening;
-                busy += 1;
+                Step::Request {
+                    key,
+                    transfer,
+                    file,
+                    ranges,
+                    first,
+                } => {
+                    let Some(channel) = &self.channel else {
+                        continue;
+                    };
+                    sink.command(SinkCmd::Begin { key, transfer });
+                    let request = PeerMsg::Request {
+                        transfer,
+                        file,
+                        ranges,
+                    };
+                    // Not sent: the channel is closing, and its close pauses the download.
+                    if let Err(e) = send_msg(&channel.dc, &request) {
+                        leptos::logging::warn!("request not sent: {e}");
+                    }
+                    if first {
+                        // Nothing was due until now: the stall clock starts with this request.
+                        self.last_frame_at.set(now_ms());
+                    }
+                }
+                Step::Forget { transfer } => sink.command(SinkCmd::Forget { transfer }),
             }
         }
     }
 
     /// Takes a download off the list (done, failed or stopped); the next waiting one opens.
     fn finish_download(&mut self, key: &str) -> Option<Download> {
-        let d = self.downloads.remove(key)?;
-        for t in &d.outstanding {
-            self.transfers.remove(t);
-        }
-        self.open_downloads();
+        let (d, next) = self.downloads.finish(key)?;
+        self.run(next);
         Some(d)
     }
 
     fn progress(&mut self, key: &str) {
         if let Some(d) = self.downloads.get_mut(key) {
-            d.row.progress.set(d.meter.update(now_ms(), d.verified));
+            let verified = d.verified;
+            let v = &mut d.view;
+            v.row.progress.set(v.meter.update(now_ms(), verified));
         }
     }
 }
@@ -391,9 +331,7 @@ impl ReceiverSession {
             frames_to: Rc::default(),
             moved_from: None,
             last_frame_at: Rc::default(),
-            downloads: HashMap::new(),
-            transfers: HashMap::new(),
-            next_transfer: 1,
+            downloads: Downloads::default(),
             joined_before: false,
             rejoins_left: REJOIN_TRIES,
             rejoin_pending: false,
@@ -403,7 +341,6 @@ impl ReceiverSession {
             reconnect_attempt: 0,
             pause_generation: 0,
             resume_checked: false,
-            listed: false,
             sender_left: false,
             batch: None,
         }));
@@ -483,7 +420,7 @@ impl ReceiverSession {
             return;
         };
         let sink = s.sink();
-        for transfer in d.outstanding {
+        for transfer in d.outstanding() {
             if let Some(channel) = &s.channel {
                 let _ = send_msg(&channel.dc, &PeerMsg::Cancel { transfer });
             }
@@ -494,7 +431,7 @@ impl ReceiverSession {
         if let Some(sink) = &sink {
             sink.command(SinkCmd::Close { key });
         }
-        d.row.status.set(FileStatus::Ready);
+        d.view.row.status.set(FileStatus::Ready);
     }
 
     /// After giving up on the sender: try again (downloads carry on where they stopped).
@@ -660,7 +597,7 @@ fn start_download(state: &Rc<RefCell<State>>, row: FileRow, place: Option<Place>
         )),
         _ => None,
     });
-    if s.downloads.contains_key(&key) {
+    if s.downloads.contains(&key) {
         return;
     }
     if let Some(limit) = s.sink().and_then(|sink| sink.memory_limit()) {
@@ -677,24 +614,17 @@ fn start_download(state: &Rc<RefCell<State>>, row: FileRow, place: Option<Place>
     row.status.set(FileStatus::Requested);
     let mut meter = Meter::new(row.meta.size);
     row.progress.set(meter.update(now_ms(), 0));
-    s.downloads.insert(
-        key,
-        Download {
-            meta: row.meta.clone(),
-            row,
-            offered: true,
-            place,
-            open: OpenState::Closed,
-            missing: Vec::new(),
-            verified: 0,
-            outstanding: HashSet::new(),
-            meter,
-            last_progress: 0.0,
-        },
-    );
+    let meta = row.meta.clone();
+    let view = View {
+        row,
+        place,
+        meter,
+        last_progress: 0.0,
+    };
+    let steps = s.downloads.add(key, meta, view);
+    s.run(steps);
     match s.sink {
-        SinkState::Ready(_) => s.open_downloads(),
-        SinkState::Starting => {}
+        SinkState::Ready(_) | SinkState::Starting => {}
         SinkState::None => {
             s.sink = SinkState::Starting;
             let weak = Rc::downgrade(state);
@@ -715,7 +645,7 @@ fn start_download(state: &Rc<RefCell<State>>, row: FileRow, place: Option<Place>
                             .collect();
                         for key in too_big {
                             if let Some(d) = s.finish_download(&key) {
-                                d.row.status.set(FileStatus::Failed(format!(
+                                d.view.row.status.set(FileStatus::Failed(format!(
                                     "too large to receive here: no disk storage for the page, \
                                      and files over {} MiB are refused in memory",
                                     limit >> 20
@@ -723,7 +653,8 @@ fn start_download(state: &Rc<RefCell<State>>, row: FileRow, place: Option<Place>
                             }
                         }
                     }
-                    s.open_downloads();
+                    let steps = s.downloads.sink_ready();
+                    s.run(steps);
                 }
                 run_sink(Rc::downgrade(&state), events).await;
             });
@@ -739,7 +670,7 @@ impl Drop for ReceiverSession {
             s.link = None;
             s.signaling = None;
             if let Some(sink) = s.sink() {
-                for key in s.downloads.keys() {
+                for (key, _) in s.downloads.iter() {
                     sink.command(SinkCmd::Close { key: key.clone() });
                 }
             }
@@ -814,28 +745,15 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             verified,
             missing,
         } => {
-            let can_ask = s.can_ask();
-            let d = s.downloads.get_mut(&key)?;
-            // Opened while the connection was down, before the sender's list arrived on it, or
-            // while the sender does not offer the file (its page reloaded and the file is not
-            // back yet): the reconnect, the list, or the file's return opens it again and asks
-            // for what it misses.
-            let connected = can_ask && d.offered;
-            d.open = if connected {
-                OpenState::Open
-            } else {
-                OpenState::Closed
-            };
-            d.verified = verified;
-            d.missing = missing.clone();
-            if verified > 0 && !missing.is_empty() {
+            let resuming = verified > 0 && !missing.is_empty();
+            let steps = s.downloads.opened(&key, verified, missing);
+            let d = s.downloads.get(&key)?;
+            if resuming {
                 let percent = (verified * 100 / d.meta.size.max(1)) as u32;
-                d.row.status.set(FileStatus::Resuming(percent));
+                d.view.row.status.set(FileStatus::Resuming(percent));
             }
             s.progress(&key);
-            if connected {
-                s.send_request(&key, missing);
-            }
+            s.run(steps);
         }
         SinkEvent::Stored {
             transfer,
@@ -844,24 +762,27 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             verified,
         } => {
             // A block of a request still running (not one the page gave up on in a pause).
-            let live = s.transfers.contains_key(&transfer);
+            let live = s.downloads.is_live(transfer);
             if let (true, Some(channel)) = (live, &s.channel) {
                 let _ = send_msg(&channel.dc, &PeerMsg::Ack { transfer, stored });
             }
             let d = s.downloads.get_mut(&key)?;
             d.verified = verified;
-            if live && !matches!(d.row.status.get_untracked(), FileStatus::Receiving) {
-                d.row.status.set(FileStatus::Receiving);
+            let size = d.meta.size;
+            let v = &mut d.view;
+            if live && !matches!(v.row.status.get_untracked(), FileStatus::Receiving) {
+                v.row.status.set(FileStatus::Receiving);
             }
             let now = now_ms();
-            if now - d.last_progress >= PROGRESS_EVERY_MS || verified == d.meta.size {
-                d.last_progress = now;
-                d.row.progress.set(d.meter.update(now, verified));
+            if now - v.last_progress >= PROGRESS_EVERY_MS || verified == size {
+                v.last_progress = now;
+                v.row.progress.set(v.meter.update(now, verified));
             }
         }
         SinkEvent::Bad { key, range, .. } => {
             leptos::logging::warn!("a block of {key} did not match its hash; asking again");
-            s.send_request(&key, vec![range]);
+            let steps = s.downloads.bad_block(&key, range);
+            s.run(steps);
         }
         // A request is over once the sink has taken its last frame (the page hears the sender's
         // `end` sooner than the worker gets through the frames before it): only then does a block
@@ -871,38 +792,25 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
             transfer,
             missing,
         } => {
-            let idle = s
-                .downloads
-                .get_mut(&key)
-                .map(|d| {
-                    d.outstanding.remove(&transfer);
-                    d.missing = missing.clone();
-                    d.outstanding.is_empty()
-                })
-                .unwrap_or(false);
-            if idle {
-                s.send_request(&key, missing);
-            }
+            let steps = s.downloads.incomplete(&key, transfer, missing);
+            s.run(steps);
         }
         SinkEvent::Changed { key, transfer } => {
-            let d = s.downloads.get_mut(&key)?;
-            d.outstanding.remove(&transfer);
-            leptos::logging::warn!(
-                "{}: the sender's file changed; fetching it whole",
-                d.meta.name
-            );
-            d.verified = 0;
-            let whole = vec![(0, d.meta.size)];
-            let idle = d.outstanding.is_empty();
-            s.progress(&key);
-            if idle {
-                s.send_request(&key, whole);
+            if let Some(d) = s.downloads.get(&key) {
+                leptos::logging::warn!(
+                    "{}: the sender's file changed; fetching it whole",
+                    d.meta.name
+                );
             }
+            let steps = s.downloads.changed(&key, transfer);
+            s.progress(&key);
+            s.run(steps);
         }
         SinkEvent::Finished { key, in_place, .. } => {
             let d = s.finish_download(&key)?;
-            d.row.status.set(FileStatus::Verifying);
-            d.row
+            d.view.row.status.set(FileStatus::Verifying);
+            d.view
+                .row
                 .progress
                 .set(Meter::new(d.meta.size).update(now_ms(), d.meta.size));
             let sink = s.sink()?;
@@ -911,15 +819,15 @@ fn on_sink_event(s: &mut State, event: SinkEvent) -> Option<Saving> {
                 sink,
                 share: s.share.to_string(),
                 key,
-                row: Some(d.row),
+                row: Some(d.view.row),
                 batched,
                 in_place,
-                place: d.place,
+                place: d.view.place,
             });
         }
         SinkEvent::Failed { key, message } => {
             if let Some(d) = s.finish_download(&key) {
-                d.row.status.set(FileStatus::Failed(message));
+                d.view.row.status.set(FileStatus::Failed(message));
             }
             // Its files are released, not deleted: what was verified stays on disk, and trying
             // again (after freeing space, or closing the other tab) resumes from there.
@@ -1084,7 +992,7 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                     // altered what we sent.
                     let mut s = state.borrow_mut();
                     s.link = None;
-                    s.channel = None;
+                    s.drop_channel();
                     s.ui.phase.set(Phase::Failed("bad link".into()));
                     s.ui.error
                         .set(Some(capitalized(&SealError::Rejected.to_string())));
@@ -1096,7 +1004,7 @@ async fn on_server_msg(state: &Rc<RefCell<State>>, msg: ServerMsg) {
                     let mut s = state.borrow_mut();
                     s.link = None;
                     s.sender = None;
-                    s.channel = None;
+                    s.drop_channel();
                     s.ui.phase.set(Phase::Failed("bad link".into()));
                     s.ui.error
                         .set(Some(capitalized(&SealError::BadSecret.to_string())));
@@ -1221,11 +1129,10 @@ fn rejoin_later(s: &mut State, state: &Rc<RefCell<State>>) {
 /// The connection to the sender broke: downloads pause (what they stored stays), and the page
 /// works its way back to the sender on its own.
 fn pause(s: &mut State, state: &Rc<RefCell<State>>) {
-    s.channel = None;
+    s.drop_channel();
     s.link = None;
-    s.forget_transfers();
-    for d in s.downloads.values() {
-        d.row.status.set(FileStatus::Paused);
+    for (_, d) in s.downloads.iter() {
+        d.view.row.status.set(FileStatus::Paused);
     }
     s.ui.phase.set(Phase::Paused(if s.sender_left {
         PauseWhy::SenderLeft
@@ -1341,8 +1248,11 @@ async fn watch_link(
                 );
                 {
                     let mut s = state.borrow_mut();
+                    // Nothing is asked for on it until the sender's list arrives: a reloaded
+                    // sender gives its files new ids.
+                    s.drop_channel();
                     s.channel = Some(channel);
-                    s.listed = false;
+                    s.downloads.connected();
                 }
                 spawn_local(run_channel(Rc::downgrade(&state), events));
                 spawn_local(watch_stall(Rc::downgrade(&state), Rc::downgrade(&link)));
@@ -1413,7 +1323,7 @@ async fn watch_stall(state: Weak<RefCell<State>>, link: Weak<RtcLink>) {
             if !current || s.channel.is_none() {
                 return;
             }
-            if s.transfers.is_empty() {
+            if !s.downloads.in_flight() {
                 0.0
             } else {
                 now_ms() - s.last_frame_at.get()
@@ -1477,7 +1387,7 @@ fn on_peer_msg(s: &mut State, state: &Rc<RefCell<State>>, msg: PeerMsg) {
             index,
             hash,
         } => {
-            if s.transfers.contains_key(&transfer) {
+            if s.downloads.is_live(transfer) {
                 if let Some(sink) = s.sink() {
                     sink.command(SinkCmd::Expect {
                         transfer,
@@ -1494,7 +1404,7 @@ fn on_peer_msg(s: &mut State, state: &Rc<RefCell<State>>, msg: PeerMsg) {
             ..
         } => {
             // Still outstanding until the sink has taken the frames before this (its answer).
-            if s.transfers.remove(&transfer).is_none() {
+            if s.downloads.ended(transfer).is_none() {
                 return;
             }
             if let Some(sink) = s.sink() {
@@ -1508,24 +1418,24 @@ fn on_peer_msg(s: &mut State, state: &Rc<RefCell<State>>, msg: PeerMsg) {
         PeerMsg::Refused {
             transfer, message, ..
         } => {
-            let Some(key) = s.transfers.remove(&transfer) else {
-                return;
+            let (key, failed) = match s.downloads.refused(transfer) {
+                Refusal::Stale => return,
+                Refusal::Waiting { key } => (key, None),
+                Refusal::Failed {
+                    key,
+                    download,
+                    next,
+                } => {
+                    s.run(next);
+                    (key, Some(download))
+                }
             };
             if let Some(sink) = s.sink() {
                 sink.command(SinkCmd::Forget { transfer });
-                sink.command(SinkCmd::Close { key: key.clone() });
+                sink.command(SinkCmd::Close { key });
             }
-            if let Some(d) = s.downloads.get_mut(&key) {
-                if !d.offered {
-                    // Asked for just before the sender took the file off its list: it waits
-                    // (what it stored stays) and resumes if the file comes back.
-                    d.outstanding.remove(&transfer);
-                    d.open = OpenState::Closed;
-                    return;
-                }
-            }
-            if let Some(d) = s.finish_download(&key) {
-                d.row.status.set(FileStatus::Failed(message));
+            if let Some(d) = failed {
+                d.view.row.status.set(FileStatus::Failed(message));
             }
         }
         PeerMsg::Request { .. } | PeerMsg::Cancel { .. } | PeerMsg::Ack { .. } => {}
@@ -1543,13 +1453,13 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
             .collect()
     });
     let mut rows = Vec::with_capacity(files.len());
-    let mut offered = HashSet::new();
+    let mut offered = HashMap::new();
     for meta in files {
         let key = resume_key(&share, &meta);
         // A file that comes back keeps its row (and its status) from its download.
         let previous = old
             .get(&key)
-            .or_else(|| s.downloads.get(&key).map(|d| &d.row));
+            .or_else(|| s.downloads.get(&key).map(|d| &d.view.row));
         let row = match previous {
             Some(row) if row.meta.id == meta.id => row.clone(),
             Some(row) => FileRow {
@@ -1559,32 +1469,16 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
             None => FileRow::new(meta.clone()),
         };
         if let Some(d) = s.downloads.get_mut(&key) {
-            d.meta = meta;
-            d.row = row.clone();
+            d.view.row = row.clone();
         }
-        offered.insert(key);
+        offered.insert(key, meta);
         rows.push(row);
     }
-    let mut returned = Vec::new();
-    for (key, d) in s.downloads.iter_mut() {
-        let now_offered = offered.contains(key);
-        if now_offered && !d.offered {
-            returned.push(key.clone());
-        }
-        if !now_offered && d.open == OpenState::Open {
-            // Nothing more can be asked for it: asked again when it returns.
-            d.open = OpenState::Closed;
-        }
-        d.offered = now_offered;
-    }
     s.ui.files.set(rows);
-    let first = !s.listed;
-    s.listed = true;
-    if first || !returned.is_empty() {
-        // The connection's first list, or files that came back (the sender re-added them):
-        // pick up where they stopped.
-        s.open_downloads();
-    }
+    // The connection's first list, or files that came back (the sender re-added them): they
+    // pick up where they stopped.
+    let steps = s.downloads.listed(&offered);
+    s.run(steps);
     if !s.resume_checked {
         s.resume_checked = true;
         let candidates: Vec<(String, FileRow)> = s.ui.files.with_untracked(|rows| {

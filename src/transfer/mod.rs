@@ -10,11 +10,13 @@
 //! - [`record`]: the receiver's on-disk record of verified blocks, so a partial file survives.
 //! - [`sink`]: the receiver's storage side (a Worker writing to OPFS, or memory), fed frames and
 //!   block hashes by the page, answering with verified progress.
+//! - [`downloads`]: the receiver's downloads and what each needs next (open, ask, wait, fail).
 //! - [`paths`]: relative paths from a sender made safe to write under a chosen folder.
 //! - [`archive`]: "Download all" as one ZIP made of the received files, never whole in memory.
 
 pub mod archive;
 pub mod blocks;
+pub mod downloads;
 pub mod frame;
 pub mod incoming;
 pub mod outgoing;
