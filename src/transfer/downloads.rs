@@ -81,7 +81,7 @@ pub enum Refusal<T> {
     /// The download is over; `next` opens the one waiting for its place.
     Failed {
         key: String,
-        download: Download<T>,
+        download: Box<Download<T>>,
         next: Vec<Step>,
     },
 }
@@ -321,7 +321,7 @@ impl<T> Downloads<T> {
         match self.finish(&key) {
             Some((download, next)) => Refusal::Failed {
                 key,
-                download,
+                download: Box::new(download),
                 next,
             },
             None => Refusal::Stale,
