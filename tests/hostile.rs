@@ -375,9 +375,12 @@ async fn metrics_count_traffic_and_every_rejection() {
 
     let (status, content_type, body) = http_get(addr, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(content_type.starts_with("text/plain"), "{content_type}");
     assert!(
-        body.contains("# TYPE beamdrop_rejections_total counter"),
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(
+        body.contains("# TYPE beamdrop_rejections counter"),
         "{body}"
     );
     assert!(

@@ -1,15 +1,29 @@
-//! Broker metrics: plain atomics (no lock anywhere), rendered as Prometheus text at `/metrics`.
+//! Broker metrics at `/metrics`, in the OpenMetrics text format (prometheus-client).
 //!
 //! Every refusal the server makes is counted once in `beamdrop_rejections_total{reason}`, whether
 //! it happened before the upgrade (origin, per-IP cap), on a frame (oversize, binary, too deep,
 //! bad message, rate limit) or in the broker (unknown peer, no such share, busy inbox).
+//!
+//! Counters and gauges are atomics; a labelled family takes an uncontended read lock to find
+//! its (pre-created) label's counter. Figures sampled at scrape time (inbox bytes, share
+//! records, the kernel's listen-queue counters) come from a collector.
 
 use super::broker::BrokerError;
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge as GaugeMetric};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 
-/// Declares a label enum with its Prometheus label values, in declaration order.
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Declares a label enum with its label values, in declaration order.
 macro_rules! labels {
     ($(#[$meta:meta])* $name:ident {
         $($(#[$vmeta:meta])* $variant:ident => $label:literal),+ $(,)?
@@ -20,10 +34,15 @@ macro_rules! labels {
 
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
-            pub const COUNT: usize = $name::ALL.len();
 
             pub fn label(self) -> &'static str {
                 match self { $($name::$variant => $label),+ }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                std::fmt::Write::write_str(encoder, self.label())
             }
         }
     };
@@ -118,6 +137,26 @@ labels! {
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByReason {
+    reason: Rejection,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByCause {
+    cause: Disconnect,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByOutcome {
+    outcome: JoinOutcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByTurnReason {
+    reason: TurnRefusal,
+}
+
 /// Gauges kept up by [`GaugeGuard`]s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gauge {
@@ -129,24 +168,52 @@ pub enum Gauge {
     HttpConnections,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    peers_connected: AtomicI64,
-    http_connections: AtomicI64,
-    shares: AtomicI64,
-    connections: AtomicU64,
-    messages_received: AtomicU64,
-    messages_relayed: AtomicU64,
-    shares_created: AtomicU64,
-    shares_reclaimed: AtomicU64,
-    backend_errors: AtomicU64,
-    rejections: [AtomicU64; Rejection::COUNT],
-    disconnects: [AtomicU64; Disconnect::COUNT],
-    joins: [AtomicU64; JoinOutcome::COUNT],
-    turn_allocations: AtomicI64,
-    turn_allocations_made: AtomicU64,
-    turn_relayed_bytes: AtomicU64,
-    turn_refusals: [AtomicU64; TurnRefusal::COUNT],
+    registry: Registry,
+    peers_connected: GaugeMetric,
+    http_connections: GaugeMetric,
+    shares: GaugeMetric,
+    turn_allocations: GaugeMetric,
+    connections: Counter,
+    messages_received: Counter,
+    messages_relayed: Counter,
+    shares_created: Counter,
+    shares_reclaimed: Counter,
+    backend_errors: Counter,
+    turn_allocations_made: Counter,
+    turn_relayed_bytes: Counter,
+    rejections: Family<ByReason, Counter>,
+    disconnects: Family<ByCause, Counter>,
+    joins: Family<ByOutcome, Counter>,
+    turn_refusals: Family<ByTurnReason, Counter>,
+    sampled: Arc<Sampled>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Registry::default(),
+            peers_connected: GaugeMetric::default(),
+            http_connections: GaugeMetric::default(),
+            shares: GaugeMetric::default(),
+            turn_allocations: GaugeMetric::default(),
+            connections: Counter::default(),
+            messages_received: Counter::default(),
+            messages_relayed: Counter::default(),
+            shares_created: Counter::default(),
+            shares_reclaimed: Counter::default(),
+            backend_errors: Counter::default(),
+            turn_allocations_made: Counter::default(),
+            turn_relayed_bytes: Counter::default(),
+            rejections: Family::default(),
+            disconnects: Family::default(),
+            joins: Family::default(),
+            turn_refusals: Family::default(),
+            sampled: Arc::new(Sampled::default()),
+        };
+        m.registered()
+    }
 }
 
 /// Holds a gauge up by one while it lives: dropped on every exit path, panics and aborts included.
@@ -158,12 +225,114 @@ pub struct GaugeGuard {
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.metrics.gauge(self.gauge).fetch_sub(1, Relaxed);
+        self.metrics.gauge(self.gauge).dec();
     }
 }
 
 impl Metrics {
-    fn gauge(&self, gauge: Gauge) -> &AtomicI64 {
+    /// Registers every metric (each label of a family shows from the start, at 0).
+    fn registered(mut self) -> Self {
+        for r in Rejection::ALL {
+            drop(self.rejections.get_or_create(&ByReason { reason: *r }));
+        }
+        for c in Disconnect::ALL {
+            drop(self.disconnects.get_or_create(&ByCause { cause: *c }));
+        }
+        for o in JoinOutcome::ALL {
+            drop(self.joins.get_or_create(&ByOutcome { outcome: *o }));
+        }
+        for r in TurnRefusal::ALL {
+            drop(
+                self.turn_refusals
+                    .get_or_create(&ByTurnReason { reason: *r }),
+            );
+        }
+        let r = &mut self.registry;
+        r.register_collector(Box::new(self.sampled.clone()));
+        r.register(
+            "beamdrop_peers_connected",
+            "Peers with a registered signaling socket on this node",
+            self.peers_connected.clone(),
+        );
+        r.register(
+            "beamdrop_http_connections",
+            "Accepted TCP connections serving HTTP (WebSockets count in peers_connected)",
+            self.http_connections.clone(),
+        );
+        r.register(
+            "beamdrop_shares",
+            "Live shares owned by peers on this node",
+            self.shares.clone(),
+        );
+        r.register(
+            "beamdrop_connections",
+            "WebSocket upgrades accepted",
+            self.connections.clone(),
+        );
+        r.register(
+            "beamdrop_messages_received",
+            "Text frames received from clients",
+            self.messages_received.clone(),
+        );
+        r.register(
+            "beamdrop_messages_relayed",
+            "Signals handed to the broker for their target",
+            self.messages_relayed.clone(),
+        );
+        r.register(
+            "beamdrop_shares_created",
+            "Shares created",
+            self.shares_created.clone(),
+        );
+        r.register(
+            "beamdrop_shares_reclaimed",
+            "Shares taken back by their sender after a reconnect",
+            self.shares_reclaimed.clone(),
+        );
+        r.register(
+            "beamdrop_backend_errors",
+            "Broker backend (backplane) failures",
+            self.backend_errors.clone(),
+        );
+        r.register(
+            "beamdrop_rejections",
+            "Connections, frames and messages refused, by reason",
+            self.rejections.clone(),
+        );
+        r.register(
+            "beamdrop_disconnects",
+            "Socket sessions ended, by cause",
+            self.disconnects.clone(),
+        );
+        r.register(
+            "beamdrop_joins",
+            "Share joins, by outcome",
+            self.joins.clone(),
+        );
+        r.register(
+            "beamdrop_turn_allocations",
+            "Live relay allocations on this node's TURN server",
+            self.turn_allocations.clone(),
+        );
+        r.register(
+            "beamdrop_turn_allocations_made",
+            "Relay allocations made",
+            self.turn_allocations_made.clone(),
+        );
+        r.register(
+            "beamdrop_turn_relayed_bytes",
+            "Bytes relayed between browsers and their peers, both directions",
+            self.turn_relayed_bytes.clone(),
+        );
+        r.register(
+            "beamdrop_turn_refusals",
+            "TURN requests refused and relayed packets dropped, by reason",
+            self.turn_refusals.clone(),
+        );
+        self
+    }
+
+    fn gauge(&self, gauge: Gauge) -> &GaugeMetric {
         match gauge {
             Gauge::PeersConnected => &self.peers_connected,
             Gauge::Shares => &self.shares,
@@ -174,7 +343,7 @@ impl Metrics {
 
     /// Raises `gauge` until the returned guard drops.
     pub fn track(self: &Arc<Self>, gauge: Gauge) -> GaugeGuard {
-        self.gauge(gauge).fetch_add(1, Relaxed);
+        self.gauge(gauge).inc();
         GaugeGuard {
             metrics: self.clone(),
             gauge,
@@ -182,266 +351,172 @@ impl Metrics {
     }
 
     pub fn reject(&self, reason: Rejection) {
-        self.rejections[reason as usize].fetch_add(1, Relaxed);
+        self.rejections.get_or_create(&ByReason { reason }).inc();
     }
 
     pub fn disconnect(&self, cause: Disconnect) {
-        self.disconnects[cause as usize].fetch_add(1, Relaxed);
+        self.disconnects.get_or_create(&ByCause { cause }).inc();
     }
 
     pub fn join(&self, outcome: JoinOutcome) {
-        self.joins[outcome as usize].fetch_add(1, Relaxed);
+        self.joins.get_or_create(&ByOutcome { outcome }).inc();
     }
 
-    /// A WebSocket upgrade was accepted.
-    pub fn turn_refuse(&self, why: TurnRefusal) {
-        self.turn_refusals[why as usize].fetch_add(1, Relaxed);
+    pub fn turn_refuse(&self, reason: TurnRefusal) {
+        self.turn_refusals
+            .get_or_create(&ByTurnReason { reason })
+            .inc();
     }
 
-    pub fn turn_refusals(&self, why: TurnRefusal) -> u64 {
-        self.turn_refusals[why as usize].load(Relaxed)
+    pub fn turn_refusals(&self, reason: TurnRefusal) -> u64 {
+        self.turn_refusals
+            .get_or_create(&ByTurnReason { reason })
+            .get()
     }
 
     /// A relay allocation was made.
     pub fn turn_allocation(&self) {
-        self.turn_allocations_made.fetch_add(1, Relaxed);
+        self.turn_allocations_made.inc();
     }
 
     /// Bytes relayed (either direction).
     pub fn turn_relayed(&self, bytes: usize) {
-        self.turn_relayed_bytes.fetch_add(bytes as u64, Relaxed);
+        self.turn_relayed_bytes.inc_by(bytes as u64);
     }
 
     pub fn turn_relayed_bytes(&self) -> u64 {
-        self.turn_relayed_bytes.load(Relaxed)
+        self.turn_relayed_bytes.get()
     }
 
+    /// A WebSocket upgrade was accepted.
     pub fn connection(&self) {
-        self.connections.fetch_add(1, Relaxed);
+        self.connections.inc();
     }
 
     /// A text frame arrived from a client.
     pub fn message_received(&self) {
-        self.messages_received.fetch_add(1, Relaxed);
+        self.messages_received.inc();
     }
 
     /// A signal was handed to the broker for its target.
     pub fn message_relayed(&self) {
-        self.messages_relayed.fetch_add(1, Relaxed);
+        self.messages_relayed.inc();
     }
 
     pub fn share_created(&self) {
-        self.shares_created.fetch_add(1, Relaxed);
+        self.shares_created.inc();
     }
 
     /// A sender took its share back after reconnecting.
     pub fn share_reclaimed(&self) {
-        self.shares_reclaimed.fetch_add(1, Relaxed);
+        self.shares_reclaimed.inc();
     }
 
     pub fn shares_reclaimed(&self) -> u64 {
-        self.shares_reclaimed.load(Relaxed)
+        self.shares_reclaimed.get()
     }
 
     /// Counts backplane failures (`BrokerError::Backend`); other broker errors are rejections.
     pub fn broker_error(&self, e: &BrokerError) {
         if matches!(e, BrokerError::Backend(_)) {
-            self.backend_errors.fetch_add(1, Relaxed);
+            self.backend_errors.inc();
         }
     }
 
     pub fn rejections(&self, reason: Rejection) -> u64 {
-        self.rejections[reason as usize].load(Relaxed)
+        self.rejections.get_or_create(&ByReason { reason }).get()
     }
 
     pub fn disconnects(&self, cause: Disconnect) -> u64 {
-        self.disconnects[cause as usize].load(Relaxed)
+        self.disconnects.get_or_create(&ByCause { cause }).get()
     }
 
     pub fn joins(&self, outcome: JoinOutcome) -> u64 {
-        self.joins[outcome as usize].load(Relaxed)
+        self.joins.get_or_create(&ByOutcome { outcome }).get()
     }
 
     pub fn gauge_value(&self, gauge: Gauge) -> i64 {
-        self.gauge(gauge).load(Relaxed)
+        self.gauge(gauge).get()
     }
 
     pub fn backend_errors(&self) -> u64 {
-        self.backend_errors.load(Relaxed)
+        self.backend_errors.get()
     }
 
     pub fn messages_relayed(&self) -> u64 {
-        self.messages_relayed.load(Relaxed)
+        self.messages_relayed.get()
     }
 
-    /// The Prometheus text exposition format (version 0.0.4).
-    /// `inbox_bytes`: what the broker's inboxes on this node hold now; `share_records`: the
-    /// share records it keeps (if it keeps them itself).
+    /// The OpenMetrics text ([`CONTENT_TYPE`]). `inbox_bytes`: what the broker's inboxes on
+    /// this node hold now; `share_records`: the share records it keeps (if it keeps them itself).
     pub fn render(&self, inbox_bytes: usize, share_records: Option<usize>) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut single = |name: &str, kind: &str, help: &str, value: String| {
-            single_into(&mut out, name, kind, help, value)
-        };
-        single(
-            "beamdrop_inbox_bytes",
-            "gauge",
-            "Bytes of messages waiting in this node's peer inboxes.",
-            inbox_bytes.to_string(),
+        let sampled = &self.sampled;
+        sampled
+            .inbox_bytes
+            .store(i64::try_from(inbox_bytes).unwrap_or(i64::MAX), Relaxed);
+        sampled.share_records.store(
+            share_records.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)),
+            Relaxed,
         );
-        if let Some((overflows, drops)) = listen_queue_counters() {
-            single(
-                "beamdrop_listen_overflows_total",
-                "counter",
-                "Connections the kernel turned away because a listen queue was full (TcpExt \
-                 ListenOverflows: every listener of this host or network namespace).",
-                overflows.to_string(),
-            );
-            single(
-                "beamdrop_listen_drops_total",
-                "counter",
-                "SYNs the kernel dropped at a listener, overflows included (TcpExt ListenDrops, \
-                 host or network namespace).",
-                drops.to_string(),
-            );
-        }
-        if let Some(records) = share_records {
-            single(
-                "beamdrop_share_records",
-                "gauge",
-                "Share records kept on this node: live shares and withdrawn ones still reclaimable.",
-                records.to_string(),
-            );
-        }
-        single(
-            "beamdrop_peers_connected",
-            "gauge",
-            "Peers with a registered signaling socket on this node.",
-            self.peers_connected.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_http_connections",
-            "gauge",
-            "Accepted TCP connections serving HTTP (WebSockets count in peers_connected).",
-            self.http_connections.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_shares",
-            "gauge",
-            "Live shares owned by peers on this node.",
-            self.shares.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_connections_total",
-            "counter",
-            "WebSocket upgrades accepted.",
-            self.connections.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_messages_received_total",
-            "counter",
-            "Text frames received from clients.",
-            self.messages_received.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_messages_relayed_total",
-            "counter",
-            "Signals handed to the broker for their target.",
-            self.messages_relayed.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_shares_created_total",
-            "counter",
-            "Shares created.",
-            self.shares_created.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_shares_reclaimed_total",
-            "counter",
-            "Shares taken back by their sender after a reconnect.",
-            self.shares_reclaimed.load(Relaxed).to_string(),
-        );
-        single(
-            "beamdrop_backend_errors_total",
-            "counter",
-            "Broker backend (backplane) failures.",
-            self.backend_errors.load(Relaxed).to_string(),
-        );
-        labelled(
-            &mut out,
-            "beamdrop_rejections_total",
-            "Connections, frames and messages refused, by reason.",
-            "reason",
-            Rejection::ALL
-                .iter()
-                .map(|r| (r.label(), self.rejections(*r))),
-        );
-        labelled(
-            &mut out,
-            "beamdrop_disconnects_total",
-            "Socket sessions ended, by cause.",
-            "cause",
-            Disconnect::ALL
-                .iter()
-                .map(|d| (d.label(), self.disconnects(*d))),
-        );
-        labelled(
-            &mut out,
-            "beamdrop_joins_total",
-            "Share joins, by outcome.",
-            "outcome",
-            JoinOutcome::ALL.iter().map(|j| (j.label(), self.joins(*j))),
-        );
-        single_into(
-            &mut out,
-            "beamdrop_turn_allocations",
-            "gauge",
-            "Live relay allocations on this node's TURN server.",
-            self.turn_allocations.load(Relaxed).to_string(),
-        );
-        single_into(
-            &mut out,
-            "beamdrop_turn_allocations_total",
-            "counter",
-            "Relay allocations made.",
-            self.turn_allocations_made.load(Relaxed).to_string(),
-        );
-        single_into(
-            &mut out,
-            "beamdrop_turn_relayed_bytes_total",
-            "counter",
-            "Bytes relayed between browsers and their peers, both directions.",
-            self.turn_relayed_bytes().to_string(),
-        );
-        labelled(
-            &mut out,
-            "beamdrop_turn_refusals_total",
-            "TURN requests refused and relayed packets dropped, by reason.",
-            "reason",
-            TurnRefusal::ALL
-                .iter()
-                .map(|r| (r.label(), self.turn_refusals(*r))),
-        );
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
 
-fn single_into(out: &mut String, name: &str, kind: &str, help: &str, value: String) {
-    let _ = write!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-    );
+/// What is read at scrape time rather than counted: the broker's figures as `render` was given
+/// them (two scrapes at once may each show the other's; both are "now"), and the kernel's.
+#[derive(Debug, Default)]
+struct Sampled {
+    inbox_bytes: AtomicI64,
+    /// -1: the broker keeps no share records on this node (Redis keeps them).
+    share_records: AtomicI64,
 }
 
-fn labelled<'a>(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: impl Iterator<Item = (&'a str, u64)>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (value, count) in values {
-        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+impl Collector for Sampled {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
+            let metric = ConstGauge::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+        };
+        gauge(
+            &mut encoder,
+            "beamdrop_inbox_bytes",
+            "Bytes of messages waiting in this node's peer inboxes.",
+            self.inbox_bytes.load(Relaxed),
+        )?;
+        let records = self.share_records.load(Relaxed);
+        if records >= 0 {
+            gauge(
+                &mut encoder,
+                "beamdrop_share_records",
+                "Share records kept on this node: live shares and withdrawn ones still \
+                 reclaimable.",
+                records,
+            )?;
+        }
+        if let Some((overflows, drops)) = listen_queue_counters() {
+            let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64| {
+                let metric = ConstCounter::new(value);
+                metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+            };
+            counter(
+                &mut encoder,
+                "beamdrop_listen_overflows",
+                "Connections the kernel turned away because a listen queue was full (TcpExt \
+                 ListenOverflows: every listener of this host or network namespace).",
+                overflows,
+            )?;
+            counter(
+                &mut encoder,
+                "beamdrop_listen_drops",
+                "SYNs the kernel dropped at a listener, overflows included (TcpExt ListenDrops, \
+                 host or network namespace).",
+                drops,
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -471,19 +546,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn label_enums_index_their_arrays() {
-        for (i, r) in Rejection::ALL.iter().enumerate() {
-            assert_eq!(*r as usize, i);
+    fn every_label_shows_from_the_start() {
+        let text = Metrics::default().render(0, None);
+        for r in Rejection::ALL {
+            let line = format!("beamdrop_rejections_total{{reason=\"{}\"}} 0", r.label());
+            assert!(text.lines().any(|l| l == line), "missing {line}");
         }
-        for (i, d) in Disconnect::ALL.iter().enumerate() {
-            assert_eq!(*d as usize, i);
+        for d in Disconnect::ALL {
+            let line = format!("beamdrop_disconnects_total{{cause=\"{}\"}} 0", d.label());
+            assert!(text.lines().any(|l| l == line), "missing {line}");
         }
-        for (i, j) in JoinOutcome::ALL.iter().enumerate() {
-            assert_eq!(*j as usize, i);
+        for j in JoinOutcome::ALL {
+            let line = format!("beamdrop_joins_total{{outcome=\"{}\"}} 0", j.label());
+            assert!(text.lines().any(|l| l == line), "missing {line}");
         }
-        for (i, t) in TurnRefusal::ALL.iter().enumerate() {
-            assert_eq!(*t as usize, i);
+        for t in TurnRefusal::ALL {
+            let line = format!("beamdrop_turn_refusals_total{{reason=\"{}\"}} 0", t.label());
+            assert!(text.lines().any(|l| l == line), "missing {line}");
         }
+        // Share records only where the broker keeps them.
+        assert!(!text.contains("beamdrop_share_records"));
     }
 
     #[test]
@@ -535,7 +617,7 @@ mod tests {
             "beamdrop_shares 0",
             "beamdrop_messages_relayed_total 1",
             "beamdrop_shares_reclaimed_total 1",
-            "# TYPE beamdrop_rejections_total counter",
+            "# TYPE beamdrop_rejections counter",
             "beamdrop_rejections_total{reason=\"bad_message\"} 2",
             "beamdrop_rejections_total{reason=\"ip_cap\"} 1",
             "beamdrop_rejections_total{reason=\"too_deep\"} 0",
@@ -544,6 +626,7 @@ mod tests {
             "beamdrop_backend_errors_total 0",
             "# TYPE beamdrop_turn_allocations gauge",
             "beamdrop_turn_allocations 1",
+            "beamdrop_turn_allocations_made_total 0",
             "beamdrop_turn_relayed_bytes_total 1200",
             "beamdrop_turn_refusals_total{reason=\"private_peer\"} 1",
             "beamdrop_turn_refusals_total{reason=\"expired\"} 0",
@@ -563,7 +646,7 @@ mod tests {
             text.matches("# HELP ").count(),
             text.matches("# TYPE ").count()
         );
-        assert!(text.ends_with('\n'));
+        assert!(text.ends_with("# EOF\n"));
     }
 
     #[test]

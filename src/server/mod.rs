@@ -142,7 +142,7 @@ async fn healthz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text exposition, for the operator only (see `Config::metrics_token`).
+/// OpenMetrics text (Prometheus reads it), for the operator only (see `Config::metrics_token`).
 async fn metrics_text(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -167,10 +167,7 @@ async fn metrics_text(
             .into_response();
     }
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         state
             .metrics
             .render(state.broker.queued_bytes(), state.broker.share_records()),
