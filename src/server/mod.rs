@@ -197,6 +197,8 @@ pub struct RunningServer {
     pub tls_fingerprint: Option<String>,
     /// The built-in STUN/TURN server's address (UDP and TCP), when it runs.
     pub turn_addr: Option<SocketAddr>,
+    /// This node's metrics, as `/metrics` shows them (tests wait on them).
+    pub metrics: Arc<metrics::Metrics>,
     turn: Option<turn::Turn>,
     broker: DynBroker,
     stop: watch::Sender<bool>,
@@ -281,12 +283,14 @@ pub async fn start(
     };
     state.turn = turn.as_ref().map(|t| Arc::new(t.issuer.clone()));
     let tls_fingerprint = options.tls.as_ref().map(|t| t.fingerprint.clone());
+    let node_metrics = state.metrics.clone();
     let app = router(state);
     let task = tokio::spawn(serve::serve(listener, app, options, stopped(shutdown)));
     Ok(RunningServer {
         addr,
         tls_fingerprint,
         turn_addr: turn.as_ref().and_then(|t| t.addr),
+        metrics: node_metrics,
         turn,
         broker,
         stop,
