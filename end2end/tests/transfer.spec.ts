@@ -1,7 +1,7 @@
 import { test, expect } from '@playwright/test';
 import path from 'node:path';
-import { statSync } from 'node:fs';
-import { launch, openPage, hydrated, tempDir, randomFile, writeFile, sha256, download } from './browsers';
+import { closeSync, openSync, statSync, truncateSync } from 'node:fs';
+import { launch, openPage, hydrated, tempDir, randomFile, writeFile, sha256, download, bytesSent } from './browsers';
 
 test('a 32 MiB random file and a non-ASCII name cross between two browsers intact', async () => {
   const dir = tempDir();
@@ -92,6 +92,43 @@ test('a browser with no storage worker receives in memory, still block by block 
       const one = await download(receiver, path.basename(file));
       expect(sha256(one.saved)).toBe(sha256(file));
     }
+  } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});
+
+test('without disk storage a file over 512 MiB is refused with a clear message, and the rest still arrives', async () => {
+  const dir = tempDir();
+  // Sparse: 513 MiB on paper, nothing on disk (the receiver refuses it before a byte moves).
+  const huge = path.join(dir, 'too-big-for-memory.bin');
+  closeSync(openSync(huge, 'w'));
+  truncateSync(huge, 513 * 1024 * 1024);
+  const small = randomFile(dir, 'fits.bin', 256 * 1024);
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    const sender = await openPage(senderBrowser, '/');
+    await hydrated(sender);
+    await sender.getByTestId('file-input').setInputFiles([huge, small]);
+    const url = (await sender.getByTestId('share-link').getAttribute('href'))!;
+    const context = await receiverBrowser.newContext({ acceptDownloads: true });
+    await context.addInitScript(() => Object.defineProperty(window, 'Worker', { value: undefined }));
+    const receiver = await context.newPage();
+    await receiver.goto(url);
+    await expect(receiver.getByTestId('status')).toContainText('Connected');
+    const item = receiver.getByTestId('file-item').filter({ hasText: 'too-big-for-memory.bin' });
+    const status = item.getByTestId('file-status');
+    // Asked first, while the in-memory sink starts: refused once it is up.
+    await item.getByTestId('download').click();
+    await expect(status).toContainText('too large to receive here');
+    await expect(status).toContainText('512 MiB');
+    // The other file arrives, verified.
+    const one = await download(receiver, 'fits.bin');
+    expect(sha256(one.saved)).toBe(sha256(small));
+    // Asked again with the sink running: refused at once, and nothing was received.
+    await item.getByTestId('download').click();
+    await expect(status).toContainText('too large to receive here');
+    expect(await bytesSent(sender)).toBe(256 * 1024);
   } finally {
     await senderBrowser.close();
     await receiverBrowser.close();
