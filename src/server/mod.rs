@@ -319,9 +319,6 @@ mod tests {
         async fn publish(&self, _: PeerId, _: ServerMsg) -> Result<(), BrokerError> {
             down()
         }
-        async fn is_registered(&self, _: PeerId) -> Result<bool, BrokerError> {
-            down()
-        }
         async fn create_share(&self, _: PeerId) -> Result<ShareLease, BrokerError> {
             down()
         }

@@ -133,8 +133,6 @@ pub trait Broker: Send + Sync + 'static {
     async fn register(&self, peer: PeerId) -> Result<Registration, BrokerError>;
     /// Publishes to `peer:<to>`; never waits on the receiver.
     async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError>;
-    /// Whether `peer_state:<peer>` exists right now.
-    async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError>;
     /// A fresh share bound to `owner`, with a fresh claim token.
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError>;
     /// Binds `share` to `owner` if `token` is the share's claim token, whoever owned it before

@@ -206,6 +206,22 @@ struct Inner {
 }
 
 impl RedisBroker {
+    /// Whether `peer_state:<peer>` exists right now (for tests: the server itself never asks).
+    #[cfg(test)]
+    pub(crate) async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError> {
+        let inner = &self.inner;
+        inner
+            .within(async {
+                let mut conn = inner.conn.clone();
+                cmd("EXISTS")
+                    .arg(presence_key(peer))
+                    .query_async::<bool>(&mut conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await
+    }
+
     /// Connects (commands and pub/sub) and starts the subscriber task. Fails when Redis is not
     /// reachable within `opts.op_timeout`: a wrong URI is found at startup, not at the first peer.
     pub async fn connect(uri: &str, opts: RedisOptions) -> Result<Self, BrokerError> {
@@ -614,20 +630,6 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, to: PeerId, msg: ServerMsg) -> Result<(), BrokerError> {
         self.inner.publish(to, msg).await
-    }
-
-    async fn is_registered(&self, peer: PeerId) -> Result<bool, BrokerError> {
-        let inner = &self.inner;
-        inner
-            .within(async {
-                let mut conn = inner.conn.clone();
-                cmd("EXISTS")
-                    .arg(presence_key(peer))
-                    .query_async::<bool>(&mut conn)
-                    .await
-                    .map_err(backend)
-            })
-            .await
     }
 
     async fn create_share(&self, owner: PeerId) -> Result<ShareLease, BrokerError> {
