@@ -24,6 +24,7 @@ use crate::protocol::{
 };
 use crate::seal::{ShareKey, SECRET_BYTES};
 use crate::transfer::blocks::{block_hash, root_hash, BlockHash, Layout};
+use crate::transfer::hello;
 use crate::transfer::outgoing::{Job, Outgoing};
 use crate::transfer::progress::Meter;
 use crate::transfer::{frame, query_pairs, FileId, FileMeta, FlowControl, PeerMsg};
@@ -735,19 +736,28 @@ async fn connect_receiver(
 ) -> Result<(), ClientError> {
     let (link, link_events, flow) = {
         let mut s = state.borrow_mut();
-        if s.receivers.get(&peer).is_some_and(|r| r.attempt >= attempt) {
-            return Ok(());
-        }
-        s.drop_receiver(peer);
-        // A receiver that moved here and now says hello again wants a new connection.
-        if let Some(moved) = s.key_of(peer) {
-            s.drop_receiver(moved);
-        }
-        let pending = s.receivers.values().filter(|r| !r.open).count();
-        if pending >= MAX_PENDING {
-            return Err(ClientError::Js(format!(
-                "{pending} receivers are still connecting; this one waits"
-            )));
+        let known: Vec<hello::Known> = s
+            .receivers
+            .iter()
+            .map(|(key, r)| hello::Known {
+                key: *key,
+                via: r.via,
+                attempt: r.attempt,
+                open: r.open,
+            })
+            .collect();
+        match hello::answer(&known, peer, attempt, MAX_PENDING) {
+            hello::Answer::Stale => return Ok(()),
+            hello::Answer::Busy { pending } => {
+                return Err(ClientError::Js(format!(
+                    "{pending} receivers are still connecting; this one waits"
+                )))
+            }
+            hello::Answer::Connect { replace } => {
+                for key in replace {
+                    s.drop_receiver(key);
+                }
+            }
         }
         let (Some(signaling), Some(key), Some(me)) = (s.signaling.clone(), s.key.clone(), s.me)
         else {

@@ -11,6 +11,7 @@
 //! - [`sink`]: the receiver's storage side (a Worker writing to OPFS, or memory), fed frames and
 //!   block hashes by the page, answering with verified progress.
 //! - [`downloads`]: the receiver's downloads and what each needs next (open, ask, wait, fail).
+//! - [`hello`]: the sender's answer to a receiver's hello (connect, ignore, or make it wait).
 //! - [`paths`]: relative paths from a sender made safe to write under a chosen folder.
 //! - [`archive`]: "Download all" as one ZIP made of the received files, never whole in memory.
 
@@ -18,6 +19,7 @@ pub mod archive;
 pub mod blocks;
 pub mod downloads;
 pub mod frame;
+pub mod hello;
 pub mod incoming;
 pub mod outgoing;
 pub mod paths;
