@@ -4,6 +4,7 @@
 
 pub mod app;
 pub mod components;
+pub mod pairing;
 pub mod protocol;
 pub mod reconnect;
 pub mod seal;

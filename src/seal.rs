@@ -54,9 +54,19 @@ impl ShareKey {
         if secret.len() < SECRET_BYTES {
             return Err(SealError::BadSecret);
         }
-        let hk = Hkdf::<Sha256>::new(Some(share.as_str().as_bytes()), &secret);
+        Self::from_secret(&secret, share.as_str().as_bytes(), INFO)
+    }
+
+    /// The key of a pairing without the server (see [`crate::pairing`]), from the secret its
+    /// offer code carries.
+    pub fn for_pairing(secret: &[u8; SECRET_BYTES]) -> Result<Self, SealError> {
+        Self::from_secret(secret, b"beamdrop pairing", b"beamdrop pairing v1")
+    }
+
+    fn from_secret(secret: &[u8], salt: &[u8], info: &[u8]) -> Result<Self, SealError> {
+        let hk = Hkdf::<Sha256>::new(Some(salt), secret);
         let mut key = [0u8; 32];
-        hk.expand(INFO, &mut key)
+        hk.expand(info, &mut key)
             .map_err(|e| SealError::Seal(e.to_string()))?;
         let cipher = Aes256Gcm::new_from_slice(&key).map_err(|e| SealError::Seal(e.to_string()))?;
         Ok(Self { cipher })
@@ -64,22 +74,8 @@ impl ShareKey {
 
     /// Seals `plaintext` for the payload `from` → `to`, with a fresh random nonce.
     pub fn seal(&self, from: PeerId, to: PeerId, plaintext: &str) -> Result<String, SealError> {
-        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
-        let aad = aad(from, to);
-        let ciphertext = self
-            .cipher
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext.as_bytes(),
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|e| SealError::Seal(e.to_string()))?;
-        let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ciphertext);
-        Ok(format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(out)))
+        let sealed = self.seal_bytes(aad(from, to).as_bytes(), plaintext.as_bytes())?;
+        Ok(format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(sealed)))
     }
 
     /// Opens a payload sealed by [`ShareKey::seal`] for `from` → `to`.
@@ -88,22 +84,32 @@ impl ShareKey {
         let bytes = URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| SealError::Rejected)?;
-        if bytes.len() < NONCE_LEN {
+        let plain = self.open_bytes(aad(from, to).as_bytes(), &bytes)?;
+        String::from_utf8(plain).map_err(|_| SealError::Rejected)
+    }
+
+    /// `nonce ‖ ciphertext ‖ tag` of `msg`, bound to `aad`, with a fresh random nonce.
+    pub fn seal_bytes(&self, aad: &[u8], msg: &[u8]) -> Result<Vec<u8>, SealError> {
+        let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
+        let ciphertext = self
+            .cipher
+            .encrypt(&nonce, Payload { msg, aad })
+            .map_err(|e| SealError::Seal(e.to_string()))?;
+        let mut out = Vec::with_capacity(NONCE_LEN + ciphertext.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        Ok(out)
+    }
+
+    /// Opens what [`ShareKey::seal_bytes`] made with the same `aad`.
+    pub fn open_bytes(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+        if sealed.len() < NONCE_LEN {
             return Err(SealError::Rejected);
         }
-        let (nonce, ciphertext) = bytes.split_at(NONCE_LEN);
-        let aad = aad(from, to);
-        let plain = self
-            .cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: aad.as_bytes(),
-                },
-            )
-            .map_err(|_| SealError::Rejected)?;
-        String::from_utf8(plain).map_err(|_| SealError::Rejected)
+        let (nonce, msg) = sealed.split_at(NONCE_LEN);
+        self.cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg, aad })
+            .map_err(|_| SealError::Rejected)
     }
 }
 
