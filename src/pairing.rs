@@ -248,7 +248,12 @@ impl Offer {
 
     /// Reads an offer code as pasted (spaces and line breaks anywhere are ignored).
     pub fn from_code(code: &str) -> Result<Offer, PairingError> {
-        let bytes = decode(code, OFFER_PREFIX, ANSWER_PREFIX, PairingError::AnswerNotOffer)?;
+        let bytes = decode(
+            code,
+            OFFER_PREFIX,
+            ANSWER_PREFIX,
+            PairingError::AnswerNotOffer,
+        )?;
         postcard::from_bytes(&bytes).map_err(|_| PairingError::Damaged)
     }
 
@@ -264,7 +269,12 @@ impl Offer {
 
     /// Opens an answer code made for this offer.
     pub fn open_answer(&self, code: &str) -> Result<Endpoint, PairingError> {
-        let sealed = decode(code, ANSWER_PREFIX, OFFER_PREFIX, PairingError::OfferNotAnswer)?;
+        let sealed = decode(
+            code,
+            ANSWER_PREFIX,
+            OFFER_PREFIX,
+            PairingError::OfferNotAnswer,
+        )?;
         let plain = self
             .key()?
             .open_bytes(ANSWER_AAD, &sealed)
@@ -273,7 +283,8 @@ impl Offer {
     }
 
     fn key(&self) -> Result<ShareKey, PairingError> {
-        ShareKey::for_pairing(&self.secret).map_err(|e: SealError| PairingError::Seal(e.to_string()))
+        ShareKey::for_pairing(&self.secret)
+            .map_err(|e: SealError| PairingError::Seal(e.to_string()))
     }
 }
 
