@@ -1,6 +1,9 @@
 //! The HTML shell, the root component and the routes.
 
-use crate::components::{receive::ReceivePage, send::SendPage};
+use crate::components::{
+    receive::{PairPage, ReceivePage},
+    send::SendPage,
+};
 use leptos::prelude::*;
 use leptos_meta::{provide_meta_context, MetaTags, Stylesheet, Title};
 use leptos_router::components::{Route, Router, Routes, A};
@@ -41,6 +44,7 @@ pub fn App() -> impl IntoView {
                 <Routes fallback=|| view! { <p class="notice">"Page not found."</p> }>
                     <Route path=path!("") view=SendPage/>
                     <Route path=path!("/s/:share") view=ReceivePage ssr=SsrMode::Async/>
+                    <Route path=path!("/pair") view=PairPage/>
                 </Routes>
             </main>
         </Router>

@@ -12,6 +12,7 @@
 //! offer, or altered, is refused with a clear message. The fingerprints then bind the DTLS
 //! connection to the two codes: whoever holds neither code cannot sit in the middle.
 
+use crate::protocol::ShareId;
 use crate::seal::{SealError, ShareKey, SECRET_BYTES};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -229,15 +230,40 @@ fn parse_candidate(value: &str) -> Option<Candidate> {
 pub struct Offer {
     /// Seals the answer.
     pub secret: [u8; SECRET_BYTES],
+    /// The share the files belong to (the sender's, or one made up for the pairing): the
+    /// receiver keys partial downloads by it, so a download broken off resumes when paired
+    /// again, or through the link.
+    pub share: [u8; 16],
     pub endpoint: Endpoint,
 }
 
 impl Offer {
-    /// An offer for `endpoint` with a fresh secret.
-    pub fn new(endpoint: Endpoint) -> Result<Offer, PairingError> {
-        let mut secret = [0u8; SECRET_BYTES];
-        getrandom::getrandom(&mut secret).map_err(|e| PairingError::Seal(e.to_string()))?;
-        Ok(Offer { secret, endpoint })
+    /// An offer for `endpoint` of the files of `share` (`None`: a share id made up for it),
+    /// with a fresh secret.
+    pub fn new(share: Option<&ShareId>, endpoint: Endpoint) -> Result<Offer, PairingError> {
+        let random = || {
+            let mut bytes = [0u8; 16];
+            getrandom::getrandom(&mut bytes)
+                .map(|()| bytes)
+                .map_err(|e| PairingError::Seal(e.to_string()))
+        };
+        let share = match share.and_then(|s| hex::decode(s.as_str()).ok()) {
+            Some(bytes) => bytes.try_into().or_else(|_| random())?,
+            None => random()?,
+        };
+        Ok(Offer {
+            secret: random()?,
+            share,
+            endpoint,
+        })
+    }
+
+    /// The share the offered files belong to.
+    pub fn share(&self) -> ShareId {
+        // 16 bytes as 32 lowercase hex digits are a share id by definition.
+        hex::encode(self.share)
+            .parse()
+            .unwrap_or_else(|_| unreachable!("32 lowercase hex digits"))
     }
 
     pub fn code(&self) -> String {
@@ -403,12 +429,17 @@ a=max-message-size:262144\r\n";
 
     #[test]
     fn offer_and_answer_codes_round_trip_and_fit_one_small_qr_code() {
-        let offer = Offer::new(endpoint()).unwrap();
+        let offer = Offer::new(None, endpoint()).unwrap();
         let code = offer.code();
         assert!(code.starts_with("bd1o."));
         // As pasted from a chat: wrapped, with spaces.
         let pasted = format!("  {}\n{} ", &code[..40], &code[40..]);
         assert_eq!(Offer::from_code(&pasted).unwrap(), offer);
+        // The sender's share travels with it.
+        let share: ShareId = "0123456789abcdef0123456789abcdef".parse().unwrap();
+        let of_share = Offer::new(Some(&share), endpoint()).unwrap();
+        assert_eq!(Offer::from_code(&of_share.code()).unwrap().share(), share);
+        assert_ne!(offer.share(), share);
         let answer = offer.answer_code(&endpoint()).unwrap();
         assert_eq!(offer.open_answer(&answer).unwrap(), endpoint());
         for code in [&code, &answer] {
@@ -423,8 +454,8 @@ a=max-message-size:262144\r\n";
 
     #[test]
     fn an_answer_for_another_offer_or_altered_is_refused() {
-        let offer = Offer::new(endpoint()).unwrap();
-        let other = Offer::new(endpoint()).unwrap();
+        let offer = Offer::new(None, endpoint()).unwrap();
+        let other = Offer::new(None, endpoint()).unwrap();
         assert_ne!(offer.secret, other.secret);
         let answer = other.answer_code(&endpoint()).unwrap();
         assert_eq!(offer.open_answer(&answer), Err(PairingError::WrongAnswer));
@@ -437,7 +468,7 @@ a=max-message-size:262144\r\n";
 
     #[test]
     fn codes_in_the_wrong_place_or_damaged_say_so() {
-        let offer = Offer::new(endpoint()).unwrap();
+        let offer = Offer::new(None, endpoint()).unwrap();
         let answer = offer.answer_code(&endpoint()).unwrap();
         assert_eq!(Offer::from_code(&answer), Err(PairingError::AnswerNotOffer));
         assert_eq!(

@@ -255,6 +255,10 @@ pub struct SenderUi {
     /// The signaling connection dropped and is being reopened: new receivers cannot join until
     /// the share is back (connected ones are unaffected).
     pub reconnecting: RwSignal<bool>,
+    /// A pairing without the server under way: the offer's code to hand to the receiver.
+    pub pair_code: RwSignal<Option<String>>,
+    /// Why the last pairing step failed.
+    pub pair_error: RwSignal<Option<String>>,
 }
 
 impl SenderUi {
@@ -269,6 +273,8 @@ impl SenderUi {
             missing: RwSignal::new(Vec::new()),
             restorable: RwSignal::new(0),
             reconnecting: RwSignal::new(false),
+            pair_code: RwSignal::new(None),
+            pair_error: RwSignal::new(None),
         }
     }
 }

@@ -32,6 +32,8 @@ pub enum ClientError {
     Transfer(#[from] TransferError),
     #[error(transparent)]
     Seal(#[from] SealError),
+    #[error(transparent)]
+    Pairing(#[from] crate::pairing::PairingError),
     #[error("unreadable signaling payload: {0}")]
     BadPayload(String),
     #[error(

@@ -23,6 +23,7 @@ use super::signaling::{self, Event, Signaling};
 use super::sink::{has_record, SinkHandle};
 use super::writable::Place;
 use super::{now_ms, window, ClientError};
+use crate::pairing::{Endpoint, Offer, Setup};
 use crate::protocol::{ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload};
 use crate::reconnect::Backoff;
 use crate::seal::{SealError, ShareKey};
@@ -165,6 +166,36 @@ struct State {
 }
 
 impl State {
+    fn new(ui: ReceiverUi, share: ShareId, key: ShareKey) -> Rc<RefCell<State>> {
+        Rc::new(RefCell::new(State {
+            ui,
+            share,
+            key,
+            me: None,
+            signaling: None,
+            ice_servers: Vec::new(),
+            sender: None,
+            link: None,
+            channel: None,
+            sink: SinkState::None,
+            frames_to: Rc::default(),
+            moved_from: None,
+            last_frame_at: Rc::default(),
+            downloads: Downloads::default(),
+            joined_before: false,
+            rejoins_left: REJOIN_TRIES,
+            rejoin_pending: false,
+            join_generation: 0,
+            hello_attempt: 0,
+            hello_at: f64::NEG_INFINITY,
+            reconnect_attempt: 0,
+            pause_generation: 0,
+            resume_checked: false,
+            sender_left: false,
+            batch: None,
+        }))
+    }
+
     /// Joins the share (again) on the current connection, unless connected to the sender.
     fn join(&self) {
         if self.channel.is_none() {
@@ -317,34 +348,41 @@ impl ReceiverSession {
                 return Self { state: None };
             }
         };
-        let state = Rc::new(RefCell::new(State {
-            ui,
-            share,
-            key,
-            me: None,
-            signaling: None,
-            ice_servers: Vec::new(),
-            sender: None,
-            link: None,
-            channel: None,
-            sink: SinkState::None,
-            frames_to: Rc::default(),
-            moved_from: None,
-            last_frame_at: Rc::default(),
-            downloads: Downloads::default(),
-            joined_before: false,
-            rejoins_left: REJOIN_TRIES,
-            rejoin_pending: false,
-            join_generation: 0,
-            hello_attempt: 0,
-            hello_at: f64::NEG_INFINITY,
-            reconnect_attempt: 0,
-            pause_generation: 0,
-            resume_checked: false,
-            sender_left: false,
-            batch: None,
-        }));
+        let state = State::new(ui, share, key);
         spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
+        Self { state: Some(state) }
+    }
+
+    /// Paired without the server: answers the offer in `code` and puts the answer's code in
+    /// `answer` for the person to hand back.
+    /// From then on it is a session like a linked one, except that a broken connection cannot
+    /// be mended (there is no server to find the sender through): pairing again resumes.
+    pub fn paired(ui: ReceiverUi, code: &str, answer: RwSignal<Option<String>>) -> Self {
+        let opened = Offer::from_code(code)
+            .map_err(ClientError::from)
+            .and_then(|offer| {
+                let key = ShareKey::for_pairing(&offer.secret)?;
+                Ok((offer, key))
+            });
+        let (offer, key) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                ui.phase.set(Phase::Failed("bad code".into()));
+                ui.error.set(Some(capitalized(&e.to_string())));
+                return Self { state: None };
+            }
+        };
+        ui.phase.set(Phase::ConnectingPeer);
+        let state = State::new(ui, offer.share(), key);
+        let weak = Rc::downgrade(&state);
+        spawn_local(async move {
+            let answered = answer_pairing(&weak, &offer, answer).await;
+            if let (Err(e), Some(state)) = (answered, weak.upgrade()) {
+                let s = state.borrow();
+                s.ui.phase.set(Phase::Failed("pairing failed".into()));
+                s.ui.error.set(Some(capitalized(&e.to_string())));
+            }
+        });
         Self { state: Some(state) }
     }
 
@@ -1197,7 +1235,7 @@ fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>
             me,
             remote: sender,
         };
-        RtcLink::new(outbox, true, &s.ice_servers)?
+        RtcLink::new(Some(outbox), true, &s.ice_servers)?
     };
     let link = Rc::new(link);
     state.borrow_mut().link = Some(link.clone());
@@ -1207,6 +1245,29 @@ fn ensure_link(state: &Rc<RefCell<State>>, sender: PeerId) -> Result<Rc<RtcLink>
         events,
     ));
     Ok(link)
+}
+
+/// The connection of a pairing without the server: answers `offer` and shows the answer's code.
+async fn answer_pairing(
+    state: &Weak<RefCell<State>>,
+    offer: &Offer,
+    answer: RwSignal<Option<String>>,
+) -> Result<(), ClientError> {
+    let (link, events) = RtcLink::new(None, true, &[])?;
+    let link = Rc::new(link);
+    {
+        let Some(state) = state.upgrade() else {
+            return Ok(());
+        };
+        state.borrow_mut().link = Some(link.clone());
+    }
+    spawn_local(watch_link(state.clone(), Rc::downgrade(&link), events));
+    let sdp = link
+        .answer_gathered(&offer.endpoint.to_sdp(Setup::ActPass))
+        .await?;
+    let code = offer.answer_code(&Endpoint::from_sdp(&sdp)?)?;
+    answer.set(Some(code));
+    Ok(())
 }
 
 async fn watch_link(

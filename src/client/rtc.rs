@@ -1,6 +1,9 @@
 //! One RTCPeerConnection to one remote peer, signaled through the broker with trickle ICE.
 //! Every payload is sealed with the share key (the broker sees only ciphertext); candidates that
 //! arrive before the remote description are held and applied after it.
+//!
+//! Paired without the server ([`crate::pairing`]), a connection has no outbox: it gathers all
+//! its candidates first and its description travels as a code a person copies.
 
 use super::signaling::Signaling;
 use super::ClientError;
@@ -16,9 +19,13 @@ use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
     RtcConfiguration, RtcDataChannel, RtcDataChannelEvent, RtcDataChannelInit, RtcIceCandidateInit,
-    RtcIceServer, RtcOfferOptions, RtcPeerConnection, RtcPeerConnectionIceEvent,
-    RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit, RtcSignalingState,
+    RtcIceGatheringState, RtcIceServer, RtcOfferOptions, RtcPeerConnection,
+    RtcPeerConnectionIceEvent, RtcPeerConnectionState, RtcSdpType, RtcSessionDescriptionInit,
+    RtcSignalingState,
 };
+
+/// How long a connection paired by hand gathers candidates at most (ms).
+const GATHER_MS: u32 = 5_000;
 
 /// What the connection reports, in order.
 pub enum LinkEvent {
@@ -85,8 +92,8 @@ fn configuration(ice_servers: &[IceServer]) -> RtcConfiguration {
 pub struct RtcLink {
     pc: RtcPeerConnection,
     /// Shared with the candidate listener; re-addressed when either page's signaling socket
-    /// came back under a new peer id while this connection lived on.
-    outbox: Rc<RefCell<Outbox>>,
+    /// came back under a new peer id while this connection lived on. None when paired by hand.
+    outbox: Rc<RefCell<Option<Outbox>>>,
     /// On offer glare (both sides restarting ICE at once) the polite side (the receiver) drops
     /// its own offer and answers; the other ignores the incoming one.
     polite: bool,
@@ -97,7 +104,7 @@ pub struct RtcLink {
 
 impl RtcLink {
     pub fn new(
-        outbox: Outbox,
+        outbox: Option<Outbox>,
         polite: bool,
         ice_servers: &[IceServer],
     ) -> Result<(Self, UnboundedReceiver<LinkEvent>), ClientError> {
@@ -114,11 +121,13 @@ impl RtcLink {
                 else {
                     return; // end of candidates
                 };
-                outbox.borrow().send(&SignalPayload::Candidate {
-                    candidate: candidate.candidate(),
-                    sdp_mid: candidate.sdp_mid(),
-                    sdp_m_line_index: candidate.sdp_m_line_index(),
-                });
+                if let Some(outbox) = &*outbox.borrow() {
+                    outbox.send(&SignalPayload::Candidate {
+                        candidate: candidate.candidate(),
+                        sdp_mid: candidate.sdp_mid(),
+                        sdp_m_line_index: candidate.sdp_m_line_index(),
+                    });
+                }
             })
         };
         let on_state = {
@@ -149,10 +158,24 @@ impl RtcLink {
     /// Signals for this connection go from now on through `signaling`, as `me`, to `remote`
     /// (a page's socket came back under a new peer id; the connection itself is unchanged).
     pub fn readdress(&self, signaling: Signaling, me: PeerId, remote: PeerId) {
-        let mut outbox = self.outbox.borrow_mut();
-        outbox.signaling = signaling;
-        outbox.me = me;
-        outbox.remote = remote;
+        if let Some(outbox) = &mut *self.outbox.borrow_mut() {
+            outbox.signaling = signaling;
+            outbox.me = me;
+            outbox.remote = remote;
+        }
+    }
+
+    /// Sends `payload` to the remote peer through the broker.
+    fn send(&self, payload: &SignalPayload) -> Result<(), ClientError> {
+        match &*self.outbox.borrow() {
+            Some(outbox) => {
+                outbox.send(payload);
+                Ok(())
+            }
+            None => Err(ClientError::Signaling(
+                "paired without the server: nothing can be signaled".into(),
+            )),
+        }
     }
 
     /// Fresh ICE servers (TURN credentials) for the next ICE restart on this connection.
@@ -178,20 +201,60 @@ impl RtcLink {
         let offer = JsFuture::from(self.pc.create_offer()).await?;
         let sdp = sdp_of(&offer)?;
         self.set_local(RtcSdpType::Offer, &sdp).await?;
-        self.outbox.borrow().send(&SignalPayload::Offer { sdp });
-        Ok(())
+        self.send(&SignalPayload::Offer { sdp })
     }
 
     /// Starts an ICE restart from this side (the connection object survived, its network path
     /// did not): a new offer with fresh ICE credentials, which the other side answers.
     pub async fn restart_ice(&self) -> Result<(), ClientError> {
+        if self.outbox.borrow().is_none() {
+            return Err(ClientError::Signaling(
+                "paired without the server: no ICE restart".into(),
+            ));
+        }
         let options = RtcOfferOptions::new();
         options.set_ice_restart(true);
         let offer = JsFuture::from(self.pc.create_offer_with_rtc_offer_options(&options)).await?;
         let sdp = sdp_of(&offer)?;
         self.set_local(RtcSdpType::Offer, &sdp).await?;
-        self.outbox.borrow().send(&SignalPayload::Offer { sdp });
-        Ok(())
+        self.send(&SignalPayload::Offer { sdp })
+    }
+
+    /// The offer of a connection paired by hand: its description once every candidate is in.
+    pub async fn offer_gathered(&self) -> Result<String, ClientError> {
+        let offer = JsFuture::from(self.pc.create_offer()).await?;
+        self.set_local(RtcSdpType::Offer, &sdp_of(&offer)?).await?;
+        self.gathered().await
+    }
+
+    /// The answer to `offer` (a description rebuilt from a pairing code), once every candidate
+    /// is in.
+    pub async fn answer_gathered(&self, offer: &str) -> Result<String, ClientError> {
+        self.set_remote(RtcSdpType::Offer, offer).await?;
+        let answer = JsFuture::from(self.pc.create_answer()).await?;
+        self.set_local(RtcSdpType::Answer, &sdp_of(&answer)?)
+            .await?;
+        self.gathered().await
+    }
+
+    /// Applies the answer to an offer made by [`RtcLink::offer_gathered`].
+    pub async fn accept_answer(&self, answer: &str) -> Result<(), ClientError> {
+        self.set_remote(RtcSdpType::Answer, answer).await
+    }
+
+    /// The local description once ICE gathering is complete (or after [`GATHER_MS`], with what
+    /// was found by then).
+    async fn gathered(&self) -> Result<String, ClientError> {
+        let mut waited = 0;
+        while self.pc.ice_gathering_state() != RtcIceGatheringState::Complete && waited < GATHER_MS
+        {
+            gloo_timers::future::TimeoutFuture::new(50).await;
+            waited += 50;
+        }
+        self.pc
+            .local_description()
+            .map(|d| d.sdp())
+            .ok_or_else(|| ClientError::Js("no local description".into()))
     }
 
     /// How this connection's bytes travel now, from the selected candidate pair in
@@ -262,7 +325,7 @@ impl RtcLink {
                 let answer = JsFuture::from(self.pc.create_answer()).await?;
                 let sdp = sdp_of(&answer)?;
                 self.set_local(RtcSdpType::Answer, &sdp).await?;
-                self.outbox.borrow().send(&SignalPayload::Answer { sdp });
+                self.send(&SignalPayload::Answer { sdp })?;
             }
             SignalPayload::Answer { sdp } => self.set_remote(RtcSdpType::Answer, &sdp).await?,
             SignalPayload::Candidate {

@@ -19,6 +19,7 @@ use super::handles;
 use super::rtc::{open_payload, LinkEvent, Outbox, RtcLink};
 use super::signaling::{self, Event, Signaling};
 use super::{js_message, now_ms, picker, random_hex, window, ClientError};
+use crate::pairing::{Endpoint, Offer, Setup};
 use crate::protocol::{
     ClaimToken, ClientMsg, ErrorCode, IceServer, PeerId, ServerMsg, ShareId, SignalPayload,
 };
@@ -165,6 +166,8 @@ struct State {
     /// Test hook (`?corrupt_block=N`): the first time block N of any file is sent, one of its
     /// bytes is flipped after hashing, as if damaged on the way.
     corrupt_block: Cell<Option<u32>>,
+    /// A pairing without the server waiting for its answer: the receiver it made, and the offer.
+    pairing: Option<(PeerId, Offer)>,
 }
 
 impl State {
@@ -339,6 +342,7 @@ impl SenderSession {
             flow: FlowControl::DEFAULT.with_query(&query),
             receivers: HashMap::new(),
             corrupt_block: Cell::new(corrupt_block),
+            pairing: None,
         }));
         spawn_local(run_signaling(Rc::downgrade(&state), signaling::connect()));
         if let Some((share, _)) = &state.borrow().share {
@@ -407,6 +411,54 @@ impl SenderSession {
                 Err(e) => {
                     let message = format!("could not read the dropped folder: {e}");
                     state.borrow().ui.error.set(Some(message));
+                }
+            }
+        });
+    }
+
+    /// "Pair without the server": a connection whose offer (every candidate gathered) is shown
+    /// as a code for the receiver to paste at `/pair`. A new pairing replaces one not answered.
+    pub fn pair_start(&self) {
+        let state = self.state.clone();
+        spawn_local(async move {
+            let ui = state.borrow().ui;
+            ui.pair_error.set(None);
+            if let Err(e) = offer_pairing(&state).await {
+                ui.pair_error.set(Some(e.to_string()));
+            }
+        });
+    }
+
+    /// The receiver's answer to the pairing's offer, as pasted: connects, or says why not.
+    pub fn pair_answer(&self, code: String) {
+        let state = self.state.clone();
+        spawn_local(async move {
+            let ui = state.borrow().ui;
+            let opened = {
+                let s = state.borrow();
+                let Some((peer, offer)) = &s.pairing else {
+                    ui.pair_error.set(Some(
+                        "Start a pairing first: its offer code is gone.".into(),
+                    ));
+                    return;
+                };
+                let link = s.receivers.get(peer).map(|r| r.link.clone());
+                offer.open_answer(&code).map(|endpoint| (endpoint, link))
+            };
+            match opened {
+                Err(e) => ui.pair_error.set(Some(e.to_string())),
+                Ok((_, None)) => ui.pair_error.set(Some(
+                    "That pairing's connection is gone: start again.".into(),
+                )),
+                Ok((endpoint, Some(link))) => {
+                    match link.accept_answer(&endpoint.to_sdp(Setup::Active)).await {
+                        Ok(()) => {
+                            state.borrow_mut().pairing = None;
+                            ui.pair_code.set(None);
+                            ui.pair_error.set(None);
+                        }
+                        Err(e) => ui.pair_error.set(Some(e.to_string())),
+                    }
                 }
             }
         });
@@ -734,7 +786,7 @@ async fn connect_receiver(
     peer: PeerId,
     attempt: u32,
 ) -> Result<(), ClientError> {
-    let (link, link_events, flow) = {
+    let (link, link_events) = {
         let mut s = state.borrow_mut();
         let known: Vec<hello::Known> = s
             .receivers
@@ -769,9 +821,54 @@ async fn connect_receiver(
             me,
             remote: peer,
         };
-        let (link, events) = RtcLink::new(outbox, false, &s.ice_servers)?;
-        (link, events, s.flow)
+        RtcLink::new(Some(outbox), false, &s.ice_servers)?
     };
+    attach_receiver(state, peer, link, link_events, attempt)
+        .offer()
+        .await
+}
+
+/// A pairing without the server: a receiver's connection with no one on the other end yet,
+/// and its offer as a code (on the page) once every candidate is gathered.
+async fn offer_pairing(state: &Rc<RefCell<State>>) -> Result<(), ClientError> {
+    let (link, events) = {
+        let mut s = state.borrow_mut();
+        if let Some((old, _)) = s.pairing.take() {
+            s.drop_receiver(old);
+        }
+        s.ui.pair_code.set(None);
+        RtcLink::new(None, false, &s.ice_servers)?
+    };
+    // Kept under an id of its own, as a receiver met through the server is under its peer id.
+    let mut id = [0u8; 16];
+    getrandom::getrandom(&mut id).map_err(|e| ClientError::Js(e.to_string()))?;
+    let peer = PeerId(uuid::Uuid::from_bytes(id));
+    let link = attach_receiver(state, peer, link, events, 0);
+    let sdp = link.offer_gathered().await?;
+    let share = state
+        .borrow()
+        .share
+        .as_ref()
+        .map(|(share, _)| share.clone());
+    let offer = Offer::new(share.as_ref(), Endpoint::from_sdp(&sdp)?)?;
+    let mut s = state.borrow_mut();
+    if s.receivers.contains_key(&peer) {
+        s.ui.pair_code.set(Some(offer.code()));
+        s.pairing = Some((peer, offer));
+    }
+    Ok(())
+}
+
+/// Takes a receiver on `link` into the page: its channel, its row, and the tasks that watch the
+/// connection, read its requests and send to it.
+fn attach_receiver(
+    state: &Rc<RefCell<State>>,
+    peer: PeerId,
+    link: RtcLink,
+    link_events: UnboundedReceiver<LinkEvent>,
+    attempt: u32,
+) -> Rc<RtcLink> {
+    let flow = state.borrow().flow;
     let dc = link.create_channel("files");
     let (channel, events, backpressure) = Channel::new(dc, flow.low_water, flow.high_water, None);
     let link = Rc::new(link);
@@ -813,7 +910,7 @@ async fn connect_receiver(
         woken,
         row,
     ));
-    link.offer().await
+    link
 }
 
 /// Drops a receiver whose connection closed, or failed and was not revived.

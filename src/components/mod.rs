@@ -33,6 +33,19 @@ pub fn progress_text(p: &Progress) -> String {
     text
 }
 
+/// `text` (a link, a pairing code) as a QR code (SVG markup), for a phone in the same room.
+pub fn qr_svg(text: &str) -> Option<String> {
+    use qrcode::render::svg;
+    let code = qrcode::QrCode::new(text.as_bytes()).ok()?;
+    Some(
+        code.render::<svg::Color>()
+            .min_dimensions(176, 176)
+            .dark_color(svg::Color("#000000"))
+            .light_color(svg::Color("#ffffff"))
+            .build(),
+    )
+}
+
 /// A progress bar with its text, for one file or one receiver.
 #[component]
 pub fn ProgressLine(progress: ArcRwSignal<Progress>) -> impl IntoView {

@@ -1,6 +1,7 @@
-//! The receiver's page `/s/<share>#<secret>`: server-rendered availability, then a live file list.
+//! The receiver's pages: `/s/<share>#<secret>` (server-rendered availability, then a live file
+//! list) and `/pair` (a pairing code pasted instead of a link, then the same list).
 
-use super::{human_size, hydrated, progress_text, ErrorBanner, ProgressLine};
+use super::{human_size, hydrated, progress_text, qr_svg, ErrorBanner, ProgressLine};
 use crate::transfer::progress::Progress;
 use crate::transfer::FileId;
 use crate::view::{FileRow, FileStatus, Phase, ReceiverUi};
@@ -26,7 +27,7 @@ pub fn ReceivePage() -> impl IntoView {
             <Suspense fallback=|| view! { <p class="notice">"Looking up this share…"</p> }>
                 {move || Suspend::new(async move {
                     match available.await {
-                        Ok(available) => view! { <Receiver share=share() available/> }.into_any(),
+                        Ok(available) => view! { <Receiver start=Start::Link(share()) available/> }.into_any(),
                         Err(e) => view! {
                             <p class="error" role="alert" data-testid="error">{format!("Could not look up this share: {e}")}</p>
                         }.into_any(),
@@ -41,9 +42,96 @@ pub fn ReceivePage() -> impl IntoView {
 /// joins (and rejoins for a few seconds): a sender whose node is restarting is back moments later.
 const UNAVAILABLE: &str = "This share is not available. The sender may have closed their tab, or the link is wrong. This page checks again for a few seconds.";
 
+/// `/pair`: the receiving half of a pairing without the server. The sender's offer code goes in;
+/// the answer's code comes out, to hand back; then the files are listed as through a link.
+#[component]
+pub fn PairPage() -> impl IntoView {
+    let code = RwSignal::new(String::new());
+    let started = RwSignal::new(None::<String>);
+    let error = RwSignal::new(None::<String>);
+    let answer = RwSignal::new(None::<String>);
+    let hydrated = hydrated();
+    let accept = move |_| {
+        let text = code.get_untracked();
+        match crate::pairing::Offer::from_code(&text) {
+            Ok(_) => {
+                error.set(None);
+                started.set(Some(text));
+            }
+            Err(e) => error.set(Some(capitalized(&e.to_string()))),
+        }
+    };
+    view! {
+        <section class="card" data-hydrated=move || hydrated.get().to_string()>
+            <h1>"Receive with a pairing code"</h1>
+            {move || match started.get() {
+                None => view! {
+                    <label for="pair-offer-input">
+                        "Paste the code the sender's page shows under “Pair without the server”:"
+                    </label>
+                    <textarea
+                        id="pair-offer-input"
+                        rows="4"
+                        data-testid="pair-offer-input"
+                        prop:value=move || code.get()
+                        on:input=move |ev| code.set(event_target_value(&ev))
+                    ></textarea>
+                    <button data-testid="pair-accept" on:click=accept>"Answer it"</button>
+                    <ErrorBanner error/>
+                }
+                .into_any(),
+                Some(offer) => view! {
+                    {move || {
+                        answer
+                            .get()
+                            .map(|code| {
+                                let qr = qr_svg(&code).unwrap_or_default();
+                                view! {
+                                    <div class="pair-step">
+                                        <div class="pair-text">
+                                            <label for="pair-answer-code">
+                                                "Give this answer to the sender's page (copy it, or let it be scanned):"
+                                            </label>
+                                            <textarea id="pair-answer-code" readonly rows="4" data-testid="pair-answer-code" prop:value=code></textarea>
+                                        </div>
+                                        <div class="qr" aria-label="QR code of the answer" inner_html=qr></div>
+                                    </div>
+                                }
+                            })
+                    }}
+                    <Receiver start=Start::Paired { code: offer, answer } available=true/>
+                }
+                .into_any(),
+            }}
+        </section>
+    }
+}
+
+/// "this is not a code" → "This is not a code."
+fn capitalized(message: &str) -> String {
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect::<String>() + ".",
+        None => String::new(),
+    }
+}
+
+/// How a receiver's session begins (read only in the browser, where the session runs).
+#[derive(Clone)]
+#[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+enum Start {
+    /// Through the share link `/s/<share>#<secret>`.
+    Link(String),
+    /// From a pairing code pasted at `/pair`; the answer's code goes to `answer`.
+    Paired {
+        code: String,
+        answer: RwSignal<Option<String>>,
+    },
+}
+
 /// `available`: whether the server knew the share when it rendered the page.
 #[component]
-fn Receiver(share: String, available: bool) -> impl IntoView {
+fn Receiver(start: Start, available: bool) -> impl IntoView {
     let ui = ReceiverUi {
         phase: RwSignal::new(Phase::ConnectingServer),
         files: RwSignal::new(Vec::new()),
@@ -56,14 +144,18 @@ fn Receiver(share: String, available: bool) -> impl IntoView {
         let session = StoredValue::new_local(None::<crate::client::receiver::ReceiverSession>);
         Effect::new(move |_| {
             if session.with_value(Option::is_none) {
-                let started = crate::client::receiver::ReceiverSession::start(ui, share.clone());
+                use crate::client::receiver::ReceiverSession;
+                let started = match start.clone() {
+                    Start::Link(share) => ReceiverSession::start(ui, share),
+                    Start::Paired { code, answer } => ReceiverSession::paired(ui, &code, answer),
+                };
                 session.set_value(Some(started));
             }
         });
         session
     };
     #[cfg(not(feature = "hydrate"))]
-    let _ = share;
+    let _ = start;
     // "Save as…" where the browser has a save dialog (known only once hydrated).
     let save_dialog = RwSignal::new(false);
     #[cfg(feature = "hydrate")]

@@ -1,23 +1,10 @@
 //! The sender's page: drop files, get a link, keep the tab open while receivers download.
 
-use super::{human_size, hydrated, ErrorBanner, ProgressLine};
+use super::{human_size, hydrated, qr_svg, ErrorBanner, ProgressLine};
 use crate::transfer::FileId;
 use crate::view::{FileRow, SenderUi};
 use leptos::prelude::*;
 use leptos::web_sys::{self, FileList, HtmlInputElement};
-
-/// The link as a QR code (SVG markup), for a phone in the same room.
-fn qr_svg(link: &str) -> Option<String> {
-    use qrcode::render::svg;
-    let code = qrcode::QrCode::new(link.as_bytes()).ok()?;
-    Some(
-        code.render::<svg::Color>()
-            .min_dimensions(176, 176)
-            .dark_color(svg::Color("#000000"))
-            .light_color(svg::Color("#ffffff"))
-            .build(),
-    )
-}
 
 #[component]
 pub fn SendPage() -> impl IntoView {
@@ -64,6 +51,20 @@ pub fn SendPage() -> impl IntoView {
                 s.restore_files();
             }
         });
+    };
+    let pair_answer = RwSignal::new(String::new());
+    let pair = move |answer: Option<String>| {
+        #[cfg(feature = "hydrate")]
+        session.with_value(|s| {
+            if let Some(s) = s {
+                match answer {
+                    None => s.pair_start(),
+                    Some(code) => s.pair_answer(code),
+                }
+            }
+        });
+        #[cfg(not(feature = "hydrate"))]
+        let _ = answer;
     };
     let copy_link = move |_| {
         let Some(link) = ui.link.get_untracked() else {
@@ -169,6 +170,56 @@ pub fn SendPage() -> impl IntoView {
                         }
                     })
             }}
+            <Show when=move || !ui.files.with(Vec::is_empty)>
+                <div class="pairing">
+                    <button
+                        class="secondary"
+                        data-testid="pair-start"
+                        title="For a receiver this server cannot reach, or with no server at all: copy two codes between the devices"
+                        on:click=move |_| {
+                            pair_answer.set(String::new());
+                            pair(None)
+                        }
+                    >
+                        "Pair without the server"
+                    </button>
+                    {move || {
+                        ui.pair_code
+                            .get()
+                            .map(|code| {
+                                let qr = qr_svg(&code).unwrap_or_default();
+                                view! {
+                                    <div class="pair-step">
+                                        <div class="pair-text">
+                                            <label for="pair-offer">
+                                                "1. On the receiving device open " <code>"/pair"</code>
+                                                " on this site (once visited, it opens without the server) and paste this code, or scan it:"
+                                            </label>
+                                            <textarea id="pair-offer" readonly rows="4" data-testid="pair-offer" prop:value=code></textarea>
+                                            <label for="pair-answer">"2. Paste the answer it shows:"</label>
+                                            <textarea
+                                                id="pair-answer"
+                                                rows="4"
+                                                data-testid="pair-answer"
+                                                prop:value=move || pair_answer.get()
+                                                on:input=move |ev| pair_answer.set(event_target_value(&ev))
+                                            ></textarea>
+                                            <button data-testid="pair-connect" on:click=move |_| pair(Some(pair_answer.get_untracked()))>
+                                                "Connect"
+                                            </button>
+                                        </div>
+                                        <div class="qr" aria-label="QR code of the pairing code" inner_html=qr></div>
+                                    </div>
+                                }
+                            })
+                    }}
+                    {move || {
+                        ui.pair_error
+                            .get()
+                            .map(|message| view! { <p class="error" role="alert" data-testid="pair-error">{message}</p> })
+                    }}
+                </div>
+            </Show>
             <ul class="files">
                 <For each=move || ui.files.get() key=FileRow::id let:row>
                     {
