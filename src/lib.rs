@@ -20,5 +20,6 @@ pub mod server;
 #[wasm_bindgen::prelude::wasm_bindgen]
 pub fn hydrate() {
     console_error_panic_hook::set_once();
+    client::keep_for_offline();
     leptos::mount::hydrate_body(app::App);
 }

@@ -1,8 +1,11 @@
 // Pairing without the server (issue 11): the sender's offer code is pasted at /pair, the answer's
 // code is pasted back, and the files cross as they do through a link: listed, downloaded, verified.
 import { test, expect, type Page } from '@playwright/test';
+import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
-import { launch, openPage, hydrated, tempDir, randomFile, sha256, download } from './browsers';
+import { launch, openPage, hydrated, tempDir, randomFile, sha256, download, until, freePort } from './browsers';
+
+const ROOT = path.join(__dirname, '..', '..');
 
 /** Starts a pairing on the sender's page and returns its offer code. */
 async function offerCode(sender: Page): Promise<string> {
@@ -85,6 +88,65 @@ test('a pairing code in the wrong place, damaged or answering another offer is r
     await expect(sender.getByTestId('pair-error')).toContainText('this is an offer code');
     await expect(receiver.getByTestId('status')).not.toContainText('Connected to the sender');
   } finally {
+    await senderBrowser.close();
+    await receiverBrowser.close();
+  }
+});
+
+/** Waits until the page's service worker controls it and keeps the WASM for offline use. */
+async function keptOffline(page: Page): Promise<void> {
+  await page.evaluate(() => navigator.serviceWorker.ready.then(() => undefined));
+  // What this first load fetched went by before the worker existed: load once more through it.
+  await page.reload();
+  await hydrated(page);
+  await until('the offline copy of the app', () =>
+    page.evaluate(async () => {
+      const kept = await (await caches.open('beamdrop-shell-v1')).keys();
+      return ['.wasm', '.js', '.css'].every((ext) => kept.some((r) => new URL(r.url).pathname.endsWith(ext)));
+    }),
+  );
+}
+
+test('with the server stopped, both pages open from their offline copy, pair by hand, and a file crosses verified', async () => {
+  const port = await freePort();
+  const base = `http://127.0.0.1:${port}`;
+  const server: ChildProcess = spawn(path.join(ROOT, 'target', 'release', 'beamdrop'), ['--listen', `127.0.0.1:${port}`], {
+    cwd: ROOT,
+    stdio: 'ignore',
+    env: { ...process.env, LEPTOS_SITE_ROOT: 'target/site', LEPTOS_SITE_PKG_DIR: 'pkg', LEPTOS_ENV: 'PROD', RUST_LOG: 'warn' },
+  });
+  const dir = tempDir();
+  const file = randomFile(dir, 'offline-4MiB.bin', 4 * 1024 * 1024 + 17);
+  const [senderBrowser, receiverBrowser] = await Promise.all([launch(), launch()]);
+  try {
+    await until('the server', async () => (await fetch(`${base}/healthz`)).ok);
+    // One visit each while the server is up.
+    const sender = await openPage(senderBrowser, `${base}/`);
+    await hydrated(sender);
+    await keptOffline(sender);
+    const receiver = await openPage(receiverBrowser, `${base}/pair`);
+    await hydrated(receiver);
+    await keptOffline(receiver);
+
+    // The server goes away; both pages are opened again.
+    const gone = new Promise((resolve) => server.once('exit', resolve));
+    server.kill('SIGKILL');
+    await gone;
+    await expect(fetch(`${base}/healthz`)).rejects.toThrow();
+    await sender.reload();
+    await hydrated(sender);
+    await receiver.reload();
+    await hydrated(receiver);
+
+    await sender.getByTestId('file-input').setInputFiles([file]);
+    const answer = await answerCode(receiver, await offerCode(sender));
+    await sender.getByTestId('pair-answer').fill(answer);
+    await sender.getByTestId('pair-connect').click();
+    await expect(receiver.getByTestId('status')).toContainText('Connected to the sender');
+    const { saved } = await download(receiver, path.basename(file));
+    expect(sha256(saved)).toBe(sha256(file));
+  } finally {
+    server.kill('SIGKILL');
     await senderBrowser.close();
     await receiverBrowser.close();
   }

@@ -15,6 +15,26 @@ pub mod sink;
 pub mod worker;
 pub mod writable;
 
+/// Registers the service worker (`public/sw.js`) that keeps the app shell, so that after one
+/// visit the pages open with the server gone and two people can still pair by hand. Browsers
+/// allow it only in a secure context (HTTPS, or localhost); elsewhere this does nothing.
+pub fn keep_for_offline() {
+    let Some(window) = web_sys::window() else {
+        return;
+    };
+    let navigator = window.navigator();
+    let has_workers = js_sys::Reflect::has(&navigator, &"serviceWorker".into()).unwrap_or(false);
+    if !has_workers || !window.is_secure_context() {
+        return;
+    }
+    let registered = navigator.service_worker().register("/sw.js");
+    wasm_bindgen_futures::spawn_local(async move {
+        if let Err(e) = wasm_bindgen_futures::JsFuture::from(registered).await {
+            leptos::logging::warn!("no offline copy of the app: {}", js_message(&e));
+        }
+    });
+}
+
 use crate::seal::SealError;
 use crate::transfer::TransferError;
 use wasm_bindgen::{JsCast, JsValue};

@@ -346,6 +346,11 @@ impl RtcLink {
         Ok(())
     }
 
+    /// Signaled through the broker (not paired by hand).
+    pub fn signaled(&self) -> bool {
+        self.outbox.borrow().is_some()
+    }
+
     /// Whether the remote side's description (offer or answer) has been applied.
     pub fn has_remote_description(&self) -> bool {
         self.has_remote_description.get()

@@ -266,7 +266,8 @@ impl State {
         let stranded: Vec<PeerId> = self
             .receivers
             .iter()
-            .filter(|(_, r)| !r.open && !r.link.has_remote_description())
+            // A pairing by hand waiting for its answer needs no server.
+            .filter(|(_, r)| !r.open && !r.link.has_remote_description() && r.link.signaled())
             .map(|(peer, _)| *peer)
             .collect();
         for peer in stranded {
