@@ -49,6 +49,9 @@ test('two codes copied between the pages pair them without the server, and a fil
     const { saved } = await download(receiver, path.basename(file));
     expect(sha256(saved)).toBe(sha256(file));
     await expect(receiver.getByTestId('file-item').getByTestId('file-status')).toHaveText('verified');
+    // No server to find the sender again through: a broken pairing says so at once.
+    await sender.close();
+    await expect(receiver.getByTestId('error')).toContainText('cannot be mended', { timeout: 15_000 });
   } finally {
     await senderBrowser.close();
     await receiverBrowser.close();

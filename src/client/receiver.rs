@@ -162,6 +162,8 @@ struct State {
     resume_checked: bool,
     /// The server said the sender's socket closed (its tab closed or reloaded).
     sender_left: bool,
+    /// Paired by hand (`/pair`): no server to find the sender again through.
+    paired: bool,
     batch: Option<Batch>,
 }
 
@@ -192,6 +194,7 @@ impl State {
             pause_generation: 0,
             resume_checked: false,
             sender_left: false,
+            paired: false,
             batch: None,
         }))
     }
@@ -374,6 +377,7 @@ impl ReceiverSession {
         };
         ui.phase.set(Phase::ConnectingPeer);
         let state = State::new(ui, offer.share(), key);
+        state.borrow_mut().paired = true;
         let weak = Rc::downgrade(&state);
         spawn_local(async move {
             let answered = answer_pairing(&weak, &offer, answer).await;
@@ -1171,6 +1175,16 @@ fn pause(s: &mut State, state: &Rc<RefCell<State>>) {
     s.link = None;
     for (_, d) in s.downloads.iter() {
         d.view.row.status.set(FileStatus::Paused);
+    }
+    if s.paired {
+        s.ui.phase.set(Phase::Failed("the connection broke".into()));
+        s.ui.error.set(Some(
+            "The connection to the sender broke, and a pairing without the server cannot be \
+             mended. Pair again (a new code from the sender): what arrived is kept and \
+             downloads resume."
+                .into(),
+        ));
+        return;
     }
     s.ui.phase.set(Phase::Paused(if s.sender_left {
         PauseWhy::SenderLeft
