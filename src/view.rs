@@ -285,6 +285,15 @@ impl Default for SenderUi {
     }
 }
 
+/// An error's words as a sentence for the page: "this is not a code" → "This is not a code."
+pub fn capitalized(message: &str) -> String {
+    let mut chars = message.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect::<String>() + ".",
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use crate::transfer::progress::Meter;
 use crate::transfer::record::resume_key;
 use crate::transfer::sink::{SinkCmd, SinkEvent};
 use crate::transfer::{FileMeta, FlowControl, PeerMsg};
-use crate::view::{FileRow, FileStatus, PauseWhy, Phase, ReceiverUi};
+use crate::view::{capitalized, FileRow, FileStatus, PauseWhy, Phase, ReceiverUi};
 use futures::channel::mpsc::UnboundedReceiver;
 use futures::{Stream, StreamExt};
 use leptos::prelude::*;
@@ -1570,13 +1570,5 @@ fn update_list(s: &mut State, state: &Rc<RefCell<State>>, files: Vec<FileMeta>) 
                 }
             }
         });
-    }
-}
-
-fn capitalized(message: &str) -> String {
-    let mut chars = message.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect::<String>() + ".",
-        None => String::new(),
     }
 }

@@ -46,6 +46,20 @@ pub fn qr_svg(text: &str) -> Option<String> {
     )
 }
 
+/// A box to paste a pairing code into (`value` follows what is typed or pasted).
+#[component]
+pub fn CodeInput(id: &'static str, testid: &'static str, value: RwSignal<String>) -> impl IntoView {
+    view! {
+        <textarea
+            id=id
+            rows="4"
+            data-testid=testid
+            prop:value=move || value.get()
+            on:input=move |ev| value.set(event_target_value(&ev))
+        ></textarea>
+    }
+}
+
 /// A progress bar with its text, for one file or one receiver.
 #[component]
 pub fn ProgressLine(progress: ArcRwSignal<Progress>) -> impl IntoView {

@@ -1,10 +1,10 @@
 //! The receiver's pages: `/s/<share>#<secret>` (server-rendered availability, then a live file
 //! list) and `/pair` (a pairing code pasted instead of a link, then the same list).
 
-use super::{human_size, hydrated, progress_text, qr_svg, ErrorBanner, ProgressLine};
+use super::{human_size, hydrated, progress_text, qr_svg, CodeInput, ErrorBanner, ProgressLine};
 use crate::transfer::progress::Progress;
 use crate::transfer::FileId;
-use crate::view::{FileRow, FileStatus, Phase, ReceiverUi};
+use crate::view::{capitalized, FileRow, FileStatus, Phase, ReceiverUi};
 use leptos::prelude::*;
 use leptos_router::hooks::use_params_map;
 
@@ -69,13 +69,7 @@ pub fn PairPage() -> impl IntoView {
                     <label for="pair-offer-input">
                         "Paste the code the sender's page shows under “Pair without the server”:"
                     </label>
-                    <textarea
-                        id="pair-offer-input"
-                        rows="4"
-                        data-testid="pair-offer-input"
-                        prop:value=move || code.get()
-                        on:input=move |ev| code.set(event_target_value(&ev))
-                    ></textarea>
+                    <CodeInput id="pair-offer-input" testid="pair-offer-input" value=code/>
                     <button data-testid="pair-accept" on:click=accept>"Answer it"</button>
                     <ErrorBanner error/>
                 }
@@ -104,15 +98,6 @@ pub fn PairPage() -> impl IntoView {
                 .into_any(),
             }}
         </section>
-    }
-}
-
-/// "this is not a code" → "This is not a code."
-fn capitalized(message: &str) -> String {
-    let mut chars = message.chars();
-    match chars.next() {
-        Some(first) => first.to_uppercase().chain(chars).collect::<String>() + ".",
-        None => String::new(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The sender's page: drop files, get a link, keep the tab open while receivers download.
 
-use super::{human_size, hydrated, qr_svg, ErrorBanner, ProgressLine};
+use super::{human_size, hydrated, qr_svg, CodeInput, ErrorBanner, ProgressLine};
 use crate::transfer::FileId;
 use crate::view::{FileRow, SenderUi};
 use leptos::prelude::*;
@@ -197,13 +197,7 @@ pub fn SendPage() -> impl IntoView {
                                             </label>
                                             <textarea id="pair-offer" readonly rows="4" data-testid="pair-offer" prop:value=code></textarea>
                                             <label for="pair-answer">"2. Paste the answer it shows:"</label>
-                                            <textarea
-                                                id="pair-answer"
-                                                rows="4"
-                                                data-testid="pair-answer"
-                                                prop:value=move || pair_answer.get()
-                                                on:input=move |ev| pair_answer.set(event_target_value(&ev))
-                                            ></textarea>
+                                            <CodeInput id="pair-answer" testid="pair-answer" value=pair_answer/>
                                             <button data-testid="pair-connect" on:click=move |_| pair(Some(pair_answer.get_untracked()))>
                                                 "Connect"
                                             </button>
