@@ -1180,8 +1180,7 @@ fn pause(s: &mut State, state: &Rc<RefCell<State>>) {
         s.ui.phase.set(Phase::Failed("the connection broke".into()));
         s.ui.error.set(Some(
             "The connection to the sender broke, and a pairing without the server cannot be \
-             mended. Pair again (a new code from the sender): what arrived is kept and \
-             downloads resume."
+             mended. Pair again (a new code from the sender) to go on."
                 .into(),
         ));
         return;
