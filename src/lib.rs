@@ -11,6 +11,8 @@ pub mod seal;
 pub mod transfer;
 pub mod view;
 
+#[cfg(feature = "ssr")]
+pub mod cli;
 #[cfg(feature = "hydrate")]
 pub mod client;
 #[cfg(feature = "ssr")]

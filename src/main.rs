@@ -1,3 +1,4 @@
+use beamdrop::cli::{self, Command};
 use beamdrop::server::{self, config::Cli, config::Config};
 use clap::Parser;
 use leptos::prelude::get_configuration;
@@ -14,10 +15,22 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The terminal peer logs only warnings unless asked: its output is for a person.
+    let default_log = match cli.command {
+        None | Some(Command::Serve) => "info",
+        Some(_) => "warn",
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log.into()))
+        .with_writer(std::io::stderr)
         .init();
-    match run().await {
+    match cli.command {
+        Some(Command::Send(args)) => return exit(cli::send(args).await.map(|()| true)),
+        Some(Command::Receive(args)) => return exit(cli::receive(args).await),
+        None | Some(Command::Serve) => {}
+    }
+    match serve(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -26,8 +39,19 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let cli = Cli::parse();
+/// The exit code of a CLI command: 0 done, 1 done with files missing, 2 stopped by an error.
+fn exit(outcome: Result<bool, cli::CliError>) -> ExitCode {
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("beamdrop: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(&cli)?;
     // Site paths and output name come from cargo-leptos (compiled in, overridable by LEPTOS_* vars).
     let leptos_options = get_configuration(None)?.leptos_options;

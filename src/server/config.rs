@@ -262,8 +262,13 @@ impl Limits {
 
 /// Command line; every flag also reads an environment variable.
 #[derive(Debug, Parser)]
-#[command(version, about = "beamdrop: peer-to-peer file sharing server")]
+#[command(
+    version,
+    about = "beamdrop: peer-to-peer file sharing (the server, and a peer for terminals)"
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<crate::cli::Command>,
     /// Runtime config file (missing file = defaults).
     #[arg(long, env = "BEAMDROP_CONFIG", default_value = "Leptos.toml")]
     pub config: PathBuf,
