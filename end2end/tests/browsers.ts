@@ -1,6 +1,7 @@
 // Two separate headless Chromium instances (sender, receiver) with flags that keep every packet on
 // this machine: host candidates with real addresses, no STUN/TURN, no calls home.
 import { chromium, expect, type Browser, type BrowserContext, type Page } from '@playwright/test';
+import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -148,4 +149,21 @@ export async function peerConnections(page: Page): Promise<number> {
 /** The bytes the sender's page says it has sent. */
 export async function bytesSent(sender: Page): Promise<number> {
   return Number(await sender.getByTestId('bytes-sent').getAttribute('data-bytes'));
+}
+
+/** A browser without a folder picker (Firefox, Safari). */
+export async function noFolderPicker(context: BrowserContext): Promise<void> {
+  await context.addInitScript(() => {
+    Object.defineProperty(window, 'showDirectoryPicker', { value: undefined, configurable: true });
+  });
+}
+
+/** Entry name → SHA-256 of every file in a ZIP (Python's zipfile checks each CRC as it reads). */
+export function zipContents(zip: string): Record<string, string> {
+  const script = [
+    'import hashlib, json, sys, zipfile',
+    'z = zipfile.ZipFile(sys.argv[1])',
+    'print(json.dumps({i.filename: hashlib.sha256(z.read(i)).hexdigest() for i in z.infolist()}))',
+  ].join('\n');
+  return JSON.parse(execFileSync('python3', ['-c', script, zip]).toString());
 }

@@ -2,10 +2,9 @@
 // the browser has a folder picker, else as one ZIP; and a hostile sender's paths stay inside.
 // Into a chosen folder, or a file chosen with "Save as…", bytes are written straight there.
 import { test, expect, type BrowserContext, type Page } from '@playwright/test';
-import { execFileSync } from 'node:child_process';
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { launch, hydrated, tempDir, randomFile, writeFile, sha256, shareLink, until, bytesSent } from './browsers';
+import { launch, hydrated, tempDir, randomFile, writeFile, sha256, shareLink, until, bytesSent, noFolderPicker, zipContents } from './browsers';
 import { BASE_URL } from '../playwright.config';
 
 /** Headless Chromium cannot show a folder picker: stand one in that "picks" an OPFS folder,
@@ -22,13 +21,6 @@ async function pickOpfsFile(context: BrowserContext): Promise<void> {
   await context.addInitScript(() => {
     (window as unknown as { showSaveFilePicker: (o: { suggestedName: string }) => Promise<FileSystemFileHandle> }).showSaveFilePicker =
       async (options) => (await navigator.storage.getDirectory()).getFileHandle(`saved-${options.suggestedName}`, { create: true });
-  });
-}
-
-/** A browser without a folder picker (Firefox, Safari). */
-async function noFolderPicker(context: BrowserContext): Promise<void> {
-  await context.addInitScript(() => {
-    Object.defineProperty(window, 'showDirectoryPicker', { value: undefined, configurable: true });
   });
 }
 
@@ -61,16 +53,6 @@ async function pickedTree(page: Page): Promise<{ files: Record<string, string>; 
     if (top.includes('beamdrop')) await list(await root.getDirectoryHandle('beamdrop'), '');
     return { files, top, staged };
   });
-}
-
-/** Entry name → SHA-256 of every file in a ZIP (Python's zipfile checks each CRC as it reads). */
-function zipContents(zip: string): Record<string, string> {
-  const script = [
-    'import hashlib, json, sys, zipfile',
-    'z = zipfile.ZipFile(sys.argv[1])',
-    'print(json.dumps({i.filename: hashlib.sha256(z.read(i)).hexdigest() for i in z.infolist()}))',
-  ].join('\n');
-  return JSON.parse(execFileSync('python3', ['-c', script, zip]).toString());
 }
 
 test('a folder with subfolders and same-named files arrives as a tree: into a chosen folder, or as one ZIP', async () => {
